@@ -1,0 +1,73 @@
+"""ONNX Runtime backend: CPU execution provider, or CUDA when onnxruntime-gpu is installed and a GPU is visible."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from rtsd.errors import EngineDirError, MissingDependencyError
+from rtsd.export.manifest import Manifest
+from rtsd.export.specs import IOSpec
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise MissingDependencyError("onnxruntime", "onnx", "The ONNX Runtime backend") from None
+    return onnxruntime
+
+
+class OnnxRuntimeEngine:
+    """One ONNX Runtime session for one sub-model; inputs are validated against the spec before the session runs."""
+
+    xp = np
+
+    def __init__(self, name: str, path: Path, spec: IOSpec, providers: list[str], threads: int | None = None):
+        ort = _ort()
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        self.name, self.spec = name, spec
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own untyped errors for unreadable models
+            raise EngineDirError(f"cannot load {path}: {str(exc).splitlines()[0]}; re-export the engine directory") from None
+        self._outputs = [t.name for t in spec.outputs]
+
+    def allocate(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        """ONNX Runtime manages its own arena; nothing to reserve."""
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.spec.validate(feeds)
+        results = self.session.run(self._outputs, dict(feeds))
+        return dict(zip(self._outputs, results))
+
+    def synchronize(self) -> None:
+        """Session.run is synchronous."""
+
+    def close(self) -> None:
+        self.session = None
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+
+    def __init__(self, providers: list[str] | None = None, threads: int | None = None):
+        ort = _ort()
+        available = ort.get_available_providers()
+        self.providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        self.threads = threads or int(os.environ.get("RTSD_ORT_THREADS", "0")) or None
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
+
+    def load(self, engine_dir: Path, manifest: Manifest, components: tuple[str, ...]) -> dict[str, OnnxRuntimeEngine]:
+        return {name: OnnxRuntimeEngine(name, manifest.onnx_path(engine_dir, name), manifest.spec(name),
+                                        self.providers, self.threads)
+                for name in components}

@@ -1,0 +1,130 @@
+"""engine_dir/manifest.json: the self-describing contract between the exporter and every runtime (Python or C++).
+
+Layout (format_version 1):
+
+    format_version, rtsd_version, created
+    source: {checkpoint, sha256, format}
+    model: ModelConfig.to_dict()            (family, unet/vae/text_encoder hyper-parameters)
+    scheduler: SchedulerDefaults            (num_train_timesteps, betas, prediction_type, spacing)
+    tokenizer: {directory, max_length, pad_token_id, bos_token_id, eos_token_id}
+    shape_range: ShapeRange.to_dict()       (images per call, image sizes the engines cover)
+    components: {name: {onnx: {file, data_files, sha256, precision}, io: IOSpec.to_dict(),
+                        profile: {input: {min, opt, max}},
+                        engines: {tensorrt: {file, sha256, precision, tensorrt_version, gpu, compute_capability,
+                                             onnx_sha256, fp32_layers}}}}
+
+NumPy/stdlib only: the torch-free runtime reads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rtsd.config import ModelConfig
+from rtsd.errors import EngineDirError
+from rtsd.export.specs import COMPONENTS, IOSpec, ShapeRange
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+@dataclass
+class Manifest:
+    model: ModelConfig
+    shape_range: ShapeRange
+    source: dict[str, Any]
+    tokenizer: dict[str, Any]
+    components: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rtsd_version: str = ""
+    created: str = ""
+    format_version: int = FORMAT_VERSION
+
+    def spec(self, component: str) -> IOSpec:
+        return IOSpec.from_dict(component, self.components[component]["io"])
+
+    def onnx_path(self, engine_dir: Path, component: str) -> Path:
+        return Path(engine_dir) / self.components[component]["onnx"]["file"]
+
+    def engine_record(self, component: str, backend: str) -> dict[str, Any] | None:
+        return self.components[component].get("engines", {}).get(backend)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "rtsd_version": self.rtsd_version,
+            "created": self.created,
+            "source": self.source,
+            "model": self.model.to_dict(),
+            "scheduler": self.model.to_dict()["scheduler"],
+            "tokenizer": self.tokenizer,
+            "shape_range": self.shape_range.to_dict(),
+            "components": self.components,
+        }
+
+    def write(self, engine_dir: Path) -> Path:
+        from rtsd import __version__
+
+        self.rtsd_version = self.rtsd_version or __version__
+        self.created = self.created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        path = Path(engine_dir) / MANIFEST_NAME
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
+        tmp.replace(path)  # atomic: a reader never sees half a manifest
+        return path
+
+    @classmethod
+    def read(cls, engine_dir: str | Path) -> "Manifest":
+        engine_dir = Path(engine_dir)
+        path = engine_dir / MANIFEST_NAME
+        if not engine_dir.is_dir():
+            raise EngineDirError(f"engine directory {engine_dir} does not exist; create one with "
+                                 f"`rtsd export --checkpoint CKPT --output {engine_dir}`")
+        if not path.is_file():
+            raise EngineDirError(f"{engine_dir} has no {MANIFEST_NAME}: not an rtsd engine directory; create one with "
+                                 f"`rtsd export --checkpoint CKPT --output {engine_dir}`")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise EngineDirError(f"{path} is not valid JSON ({exc}); re-export the engine directory") from None
+        version = data.get("format_version") if isinstance(data, dict) else None
+        if version != FORMAT_VERSION:
+            raise EngineDirError(f"{path} has format_version {version!r}, this rtsd reads format_version "
+                                 f"{FORMAT_VERSION}; re-export with this rtsd (`rtsd export`) or use a matching rtsd")
+        try:
+            manifest = cls(
+                model=ModelConfig.from_dict(data["model"]),
+                shape_range=ShapeRange.from_dict(data["shape_range"]),
+                source=data["source"], tokenizer=data["tokenizer"], components=data["components"],
+                rtsd_version=data.get("rtsd_version", ""), created=data.get("created", ""), format_version=version)
+            for name in COMPONENTS:
+                manifest.spec(name)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EngineDirError(f"{path} is incomplete or malformed ({type(exc).__name__}: {exc}); "
+                                 f"re-export the engine directory") from None
+        return manifest
+
+    def check_files(self, engine_dir: Path, backend: str | None = None) -> None:
+        """Every file the manifest names must exist: one error listing all that are missing."""
+        engine_dir = Path(engine_dir)
+        wanted = [self.tokenizer["directory"]]
+        for name, record in self.components.items():
+            wanted += [record["onnx"]["file"], *record["onnx"].get("data_files", [])]
+            engine = record.get("engines", {}).get(backend) if backend else None
+            if engine:
+                wanted.append(engine["file"])
+        missing = [w for w in wanted if not (engine_dir / w).exists()]
+        if missing:
+            raise EngineDirError(f"{engine_dir} is missing {', '.join(missing)}; re-export it with `rtsd export`")
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,133 @@
+"""PyTorch reference -> ONNX, one file per sub-model, then graph clean-up.
+
+We use torch's TorchScript-based exporter (``dynamo=False``): it traces SD's fixed-structure networks reliably with
+symbolic batch/height/width (``dynamic_axes``), and its graphs are the ones TensorRT's ONNX parser is proven on. The
+dynamo exporter in torch 2.13 still fails on parts of these graphs (GroupNorm/SDPA lowering with dynamic shapes).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+from rtsd.export.specs import IOSpec, ShapeRange, specs_for
+
+OPSET = 17
+# Protobuf cannot hold a model over 2 GiB; above this size weights go to one external data file beside the .onnx.
+EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
+
+
+def _wrappers():
+    import torch
+
+    class TextEncoder(torch.nn.Module):
+        def __init__(self, models):
+            super().__init__()
+            self.text_encoder = models.text_encoder
+
+        def forward(self, input_ids):
+            return self.text_encoder(input_ids)
+
+    class UNet(torch.nn.Module):
+        def __init__(self, models):
+            super().__init__()
+            self.unet = models.unet
+
+        def forward(self, sample, timestep, encoder_hidden_states):
+            return self.unet(sample, timestep, encoder_hidden_states)
+
+    class VAEDecoder(torch.nn.Module):
+        """Latents in UNet space -> images in [0, 1] (the runtime only converts to uint8)."""
+
+        def __init__(self, models):
+            super().__init__()
+            self.vae = models.vae
+
+        def forward(self, latent):
+            return (self.vae.decode(latent) / 2 + 0.5).clamp(0, 1)
+
+    class VAEEncoder(torch.nn.Module):
+        """Images in [0, 1] -> posterior mean in UNet space."""
+
+        def __init__(self, models):
+            super().__init__()
+            self.vae = models.vae
+
+        def forward(self, images):
+            return self.vae.encode(images * 2 - 1)
+
+    return {"text_encoder": TextEncoder, "unet": UNet, "vae_decoder": VAEDecoder, "vae_encoder": VAEEncoder}
+
+
+def component_module(models, component: str):
+    """The torch module whose ONNX graph is ``component``: the reference model plus the I/O conventions of the spec."""
+    return _wrappers()[component](models).eval()
+
+
+def export_component(models, component: str, path: str | Path, shape_range: ShapeRange = ShapeRange(),
+                     opset: int = OPSET, precision: str = "fp32") -> list[Path]:
+    """Export one sub-model to ``path``; returns the files written (the .onnx and any external data file)."""
+    import torch
+
+    path = Path(path)
+    spec: IOSpec = specs_for(models.config)[component]
+    module = component_module(models, component)
+    # Trace at the smallest size with 2 rows: every symbolic axis differs from the fixed ones, so the tracer keeps it.
+    feeds = spec.sample_inputs(rows=2, height=shape_range.min_size, width=shape_range.min_size)
+    dtype = next(module.parameters()).dtype
+    device = next(module.parameters()).device
+    args = tuple(torch.from_numpy(feeds[t.name]).to(device=device, dtype=dtype if t.dtype.startswith("float") else None)
+                 for t in spec.inputs)
+    # The tracer writes > 2 GB models as one file per tensor: keep them in a scratch folder removed afterwards.
+    scratch = Path(tempfile.mkdtemp(prefix=f".{component}-trace-", dir=path.parent))
+    try:
+        raw = scratch / "model.onnx"
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+            torch.onnx.export(module, args, str(raw), input_names=[t.name for t in spec.inputs],
+                              output_names=[t.name for t in spec.outputs], dynamic_axes=spec.dynamic_axes(),
+                              opset_version=opset, do_constant_folding=True, dynamo=False)
+        return clean_up(raw, path, precision=precision)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def clean_up(source: Path, target: Path, precision: str = "fp32") -> list[Path]:
+    """Fold constants, drop dead nodes, infer shapes, optionally cast weights to fp16; write ``target``.
+
+    onnx-graphsurgeon does the folding (it evaluates constant subgraphs with ONNX Runtime) and the clean-up.
+    """
+    import onnx
+    import onnx_graphsurgeon as gs
+
+    model = onnx.load(str(source), load_external_data=True)
+    graph = gs.import_onnx(model)
+    graph.fold_constants().cleanup().toposort()
+    model = gs.export_onnx(graph)
+    if precision == "fp16":
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        # I/O stays float32 (the spec's contract); normalisations and Resize stay fp32 inside the converter.
+        model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
+    elif precision != "fp32":
+        raise ValueError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
+    return save(model, target)
+
+
+def save(model, target: Path) -> list[Path]:
+    """Write ``model``; above 2 GB the weights go to ``<name>.onnx.data``. Shape inference and the checker run by path
+    (the in-memory variants cannot handle > 2 GB models)."""
+    import onnx
+
+    external = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+    data_name = target.name + ".data"
+    if external:
+        onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+    else:
+        onnx.save_model(model, str(target))
+    onnx.shape_inference.infer_shapes_path(str(target), str(target))
+    onnx.checker.check_model(str(target))
+    return [target, target.with_name(data_name)] if external else [target]

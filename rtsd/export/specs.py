@@ -1,0 +1,225 @@
+"""The I/O contract of each sub-model, declared once.
+
+ONNX dynamic axes, TensorRT optimization profiles, runtime buffer allocation and input validation all derive from
+these declarations. Shapes are written with symbolic dimension names that ``IOSpec.dims`` resolves from one
+request (images per call, height, width in pixels):
+
+    batch          rows in this call: images x2 for the CFG-batched text encoder and UNet
+    height, width  image size in pixels
+    latent_height, latent_width   image size / the VAE's downsample factor (8)
+
+This module is NumPy-only: the torch-free runtime imports it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from rtsd.config import ModelConfig
+
+COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+DTYPES = ("float32", "float16", "int64", "int32")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]  # ints are fixed, strings are symbolic dimension names
+
+    def resolve(self, dims: Mapping[str, int]) -> tuple[int, ...]:
+        return tuple(d if isinstance(d, int) else dims[d] for d in self.shape)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "TensorSpec":
+        return cls(data["name"], data["dtype"], tuple(data["shape"]))
+
+
+@dataclass(frozen=True)
+class ShapeRange:
+    """What the engines are built for, in user terms: images per call and image size in pixels.
+
+    Sizes are multiples of 64 by default (TensorRT kernels and the UNet's three 2x downsamplings of the latent both
+    like them); any multiple of ``size_multiple`` between min and max is accepted at run time.
+    """
+
+    min_size: int = 256
+    max_size: int = 1024
+    opt_size: int = 512
+    min_batch: int = 1
+    max_batch: int = 4
+    opt_batch: int = 1
+    size_multiple: int = 64
+    static: bool = False  # one fixed shape (opt) for maximum TensorRT speed
+
+    def __post_init__(self):
+        m = self.size_multiple
+        for label, value in (("min_size", self.min_size), ("max_size", self.max_size), ("opt_size", self.opt_size)):
+            if value <= 0 or value % m:
+                raise ValueError(f"{label}={value} must be a positive multiple of {m}")
+        if not self.min_size <= self.opt_size <= self.max_size:
+            raise ValueError(f"sizes must satisfy min_size <= opt_size <= max_size, got "
+                             f"{self.min_size} <= {self.opt_size} <= {self.max_size}")
+        if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
+            raise ValueError(f"batches must satisfy 1 <= min_batch <= opt_batch <= max_batch, got "
+                             f"{self.min_batch} <= {self.opt_batch} <= {self.max_batch}")
+
+    @classmethod
+    def fixed(cls, batch: int, height: int, width: int, size_multiple: int = 64) -> "ShapeRange":
+        """A static range: one batch and one square-or-not size (max of height/width bounds the profile)."""
+        lo, hi = min(height, width), max(height, width)
+        return cls(min_size=lo, max_size=hi, opt_size=lo, min_batch=batch, max_batch=batch, opt_batch=batch,
+                   size_multiple=size_multiple, static=True)
+
+    def check(self, batch: int, height: int, width: int) -> None:
+        """Raise ValueError naming the supported range when a request is outside it."""
+        for label, value in (("height", height), ("width", width)):
+            if value % 8:
+                raise ValueError(f"{label}={value} is not a multiple of 8; Stable Diffusion needs multiples of 8 "
+                                 f"(these engines: multiples of {self.size_multiple})")
+            if value % self.size_multiple:
+                raise ValueError(f"{label}={value} is not a multiple of {self.size_multiple}, which these engines "
+                                 f"need; use e.g. {value // self.size_multiple * self.size_multiple or self.size_multiple}")
+            if not self.min_size <= value <= self.max_size:
+                raise ValueError(f"{label}={value} is outside the exported range {self.min_size}..{self.max_size}; "
+                                 f"re-export with --min-size/--max-size covering it")
+        if not self.min_batch <= batch <= self.max_batch:
+            raise ValueError(f"{batch} images per call is outside the exported range "
+                             f"{self.min_batch}..{self.max_batch}; re-export with --max-batch {batch}")
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "ShapeRange":
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class IOSpec:
+    """One sub-model's inputs and outputs. ``batch_factor`` is 2 where CFG doubles the rows (text encoder, UNet)."""
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    batch_factor: int
+    downsample: int  # pixels per latent pixel
+
+    def shapes(self, rows: int, height: int, width: int) -> dict[str, tuple[int, ...]]:
+        """Concrete shapes of every input and output for a call with ``rows`` batch rows."""
+        dims = {"batch": rows, "height": height, "width": width,
+                "latent_height": height // self.downsample, "latent_width": width // self.downsample}
+        return {t.name: t.resolve(dims) for t in self.inputs + self.outputs}
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)} for t in self.inputs + self.outputs}
+
+    def profile(self, shape_range: ShapeRange) -> dict[str, dict[str, tuple[int, ...]]]:
+        """min/opt/max shape of every input, for TensorRT optimization profiles and the manifest.
+
+        The smallest profile shape uses min_batch rows (one image, guidance off); the largest uses max_batch images
+        with CFG doubling.
+        """
+        r = shape_range
+        corners = {
+            "min": self.shapes(r.min_batch, r.min_size, r.min_size),
+            "opt": self.shapes(r.opt_batch * self.batch_factor, r.opt_size, r.opt_size),
+            "max": self.shapes(r.max_batch * self.batch_factor, r.max_size, r.max_size),
+        }
+        if r.static:
+            corners = {k: corners["opt"] for k in corners}
+        return {t.name: {k: corners[k][t.name] for k in ("min", "opt", "max")} for t in self.inputs}
+
+    def validate(self, feeds: Mapping[str, np.ndarray]) -> dict[str, int]:
+        """Check names, dtypes and shape consistency of ``feeds``; return the resolved symbolic dimensions.
+
+        Raises TypeError for a wrong dtype and ValueError for wrong names or shapes, naming what was expected.
+        """
+        expected = [t.name for t in self.inputs]
+        if sorted(feeds) != sorted(expected):
+            raise ValueError(f"{self.name}: inputs must be named {expected}, got {sorted(feeds)}")
+        dims: dict[str, int] = {}
+        for spec in self.inputs:
+            array = feeds[spec.name]
+            if not isinstance(array, np.ndarray) and not hasattr(array, "__cuda_array_interface__"):
+                raise TypeError(f"{self.name}.{spec.name}: expected an array, got {type(array).__name__}")
+            if str(array.dtype) != spec.dtype:
+                raise TypeError(f"{self.name}.{spec.name}: expected dtype {spec.dtype}, got {array.dtype}")
+            if len(array.shape) != len(spec.shape):
+                raise ValueError(f"{self.name}.{spec.name}: expected shape {_fmt(spec.shape)}, got {tuple(array.shape)}")
+            for axis, (want, got) in enumerate(zip(spec.shape, array.shape)):
+                if isinstance(want, int):
+                    if want != got:
+                        raise ValueError(f"{self.name}.{spec.name}: axis {axis} must be {want} "
+                                         f"(shape {_fmt(spec.shape)}), got {tuple(array.shape)}")
+                elif dims.setdefault(want, got) != got:
+                    raise ValueError(f"{self.name}.{spec.name}: '{want}' is {got} here but {dims[want]} in another "
+                                     f"input (shape {_fmt(spec.shape)}, got {tuple(array.shape)})")
+        return dims
+
+    def sample_inputs(self, rows: int, height: int, width: int, seed: int = 0) -> dict[str, np.ndarray]:
+        """Deterministic inputs of the right shapes and value ranges (export tracing, parity checks, benchmarks)."""
+        rng = np.random.default_rng(seed)
+        shapes = self.shapes(rows, height, width)
+        feeds = {}
+        for spec in self.inputs:
+            shape = shapes[spec.name]
+            if spec.name == "input_ids":
+                ids = rng.integers(0, 49406, size=shape)
+                ids[:, 0], ids[:, -1] = 49406, 49407
+                feeds[spec.name] = ids.astype(spec.dtype)
+            elif spec.name == "timestep":
+                feeds[spec.name] = np.full(shape, 999.0 * rng.random(), dtype=spec.dtype)
+            elif spec.name == "images":
+                feeds[spec.name] = rng.random(shape, dtype=np.float32).astype(spec.dtype)
+            else:
+                feeds[spec.name] = rng.standard_normal(shape, dtype=np.float32).astype(spec.dtype)
+        return feeds
+
+    def to_dict(self) -> dict:
+        return {"inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs],
+                "batch_factor": self.batch_factor, "downsample": self.downsample}
+
+    @classmethod
+    def from_dict(cls, name: str, data: Mapping) -> "IOSpec":
+        return cls(name, tuple(TensorSpec.from_dict(t) for t in data["inputs"]),
+                   tuple(TensorSpec.from_dict(t) for t in data["outputs"]), data["batch_factor"], data["downsample"])
+
+
+def specs_for(config: ModelConfig) -> dict[str, IOSpec]:
+    """The four sub-model contracts for one model configuration."""
+    te, unet, vae = config.text_encoder, config.unet, config.vae
+    seq, width, f = te.max_position_embeddings, te.hidden_size, vae.downsample_factor
+    latent = ("batch", vae.embed_dim, "latent_height", "latent_width")
+    image = ("batch", 3, "height", "width")
+    return {
+        "text_encoder": IOSpec(
+            "text_encoder",
+            inputs=(TensorSpec("input_ids", "int64", ("batch", seq)),),
+            outputs=(TensorSpec("hidden_states", "float32", ("batch", seq, width)),),
+            batch_factor=2, downsample=f),
+        "unet": IOSpec(
+            "unet",
+            inputs=(TensorSpec("sample", "float32", ("batch", unet.in_channels, "latent_height", "latent_width")),
+                    TensorSpec("timestep", "float32", ("batch",)),
+                    TensorSpec("encoder_hidden_states", "float32", ("batch", seq, unet.context_dim))),
+            outputs=(TensorSpec("model_output", "float32", ("batch", unet.out_channels, "latent_height", "latent_width")),),
+            batch_factor=2, downsample=f),
+        # The decoder maps to [0, 1] and the encoder takes [0, 1], so hosts never redo the VAE's [-1, 1] convention.
+        "vae_decoder": IOSpec(
+            "vae_decoder", inputs=(TensorSpec("latent", "float32", latent),),
+            outputs=(TensorSpec("images", "float32", image),), batch_factor=1, downsample=f),
+        "vae_encoder": IOSpec(
+            "vae_encoder", inputs=(TensorSpec("images", "float32", image),),
+            outputs=(TensorSpec("latent", "float32", latent),), batch_factor=1, downsample=f),
+    }
+
+
+def _fmt(shape) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ")"

@@ -1,0 +1,225 @@
+"""``Runtime(engine_dir).generate(prompt)``: prompts in, PIL images out, through the engines of an engine directory.
+
+Torch-free: this module imports NumPy, Pillow, the tokenizer, the NumPy schedulers and one backend. The loop is
+written against the engines' array module (``xp``: NumPy for ONNX Runtime, CuPy for TensorRT), so with TensorRT the
+latents stay on the device for the whole generation and the CFG combine and scheduler arithmetic run there; the
+host only computes scalars and copies token ids and noise in, the image out.
+
+Seeds: the initial noise is ``numpy.random.default_rng(seed).standard_normal((N, 4, H/8, W/8), dtype=float32)``
+(PCG64), and stochastic samplers draw their per-step noise from the same generator afterwards, in step order. The
+same seed gives the same images on every machine and backend up to the engines' arithmetic. It does not reproduce
+diffusers' torch.randn noise; pass ``latents=`` to use noise from elsewhere.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from rtsd import schedulers
+from rtsd.engine import get_backend
+from rtsd.errors import EngineDirError
+from rtsd.export.manifest import Manifest
+from rtsd.export.specs import COMPONENTS
+from rtsd.tokenizer import Tokenizer
+
+StepCallback = Callable[[int, int, float, Any], None]  # (step index, total steps, timestep, latents) after each step
+
+
+@dataclass
+class GenerationResult:
+    images: list  # PIL.Image.Image, one per generated image
+    seed: int
+    timings: dict[str, float]  # seconds per stage, and per UNet step
+    parameters: dict[str, Any] = field(default_factory=dict)  # what produced the images (stored in PNG text chunks)
+
+
+class Runtime:
+    """Loads an engine directory once; ``generate`` can then be called any number of times."""
+
+    def __init__(self, engine_dir: str | Path, backend: str | None = None):
+        self.engine_dir = Path(engine_dir)
+        self.manifest = Manifest.read(self.engine_dir)
+        self.config = self.manifest.model
+        self.backend = get_backend(backend or self._default_backend())
+        self.manifest.check_files(self.engine_dir, backend=self.backend.name)
+        self.tokenizer = Tokenizer.load(self.engine_dir / self.manifest.tokenizer["directory"])
+        self.engines = self.backend.load(self.engine_dir, self.manifest, COMPONENTS)
+        self.xp = self.engines["unet"].xp
+
+    def _default_backend(self) -> str:
+        """TensorRT when the directory has plans and TensorRT runs here; else ONNX Runtime."""
+        has_plans = all(self.manifest.engine_record(c, "tensorrt") for c in COMPONENTS)
+        if has_plans:
+            try:
+                get_backend("tensorrt")
+                return "tensorrt"
+            except Exception:  # noqa: BLE001 - any reason TensorRT cannot run here means: fall back
+                pass
+        return "onnxruntime"
+
+    def generate(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
+                 steps: int = 30, guidance_scale: float = 7.5, height: int = 512, width: int = 512,
+                 seed: int | None = None, scheduler: str = "dpmpp_2m", scheduler_options: dict | None = None,
+                 num_images: int = 1, latents: np.ndarray | None = None, image=None, strength: float = 0.8,
+                 callback: StepCallback | None = None) -> GenerationResult:
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+
+        # 1. Check the whole request before any engine runs.
+        prompts, negatives = _prompt_lists(prompt, negative_prompt, num_images)
+        n = len(prompts)
+        self.manifest.shape_range.check(n, height, width)
+        if self.config.is_inpainting:
+            raise ValueError("this engine directory holds an inpainting UNet (9 input channels); generate() drives "
+                             "text-to-image and image-to-image UNets only")
+        sampler = self._scheduler(scheduler, steps, scheduler_options)
+        latent_shape = (n, self.config.latent_channels, height // 8, width // 8)
+        initial = _check_latents(latents, latent_shape) if latents is not None else None
+        init_pixels = _image_array(image, height, width, n) if image is not None else None
+        start_index = _img2img_start(sampler, steps, strength) if image is not None else 0
+        seed = secrets.randbelow(2**32) if seed is None else int(seed)
+        rng = np.random.default_rng(seed)
+        use_cfg = guidance_scale > 1.0
+        xp = self.xp
+
+        # 2. Encode prompts: unconditional rows first, then conditional, in one text-encoder call (CFG batch).
+        t0 = time.perf_counter()
+        ids = self.tokenizer(negatives + prompts if use_cfg else prompts)
+        timings["tokenize"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        context = self.engines["text_encoder"].infer({"input_ids": xp.asarray(ids)})["hidden_states"]
+        self._sync()
+        timings["text_encoder"] = time.perf_counter() - t0
+
+        # 3. Initial latents: seeded noise (or the caller's), or for img2img the encoded image noised to the start step.
+        noise = initial if initial is not None else rng.standard_normal(latent_shape, dtype=np.float32)
+        if init_pixels is None:
+            x = xp.asarray(noise) * sampler.init_noise_sigma
+        else:
+            t0 = time.perf_counter()
+            encoded = self.engines["vae_encoder"].infer({"images": xp.asarray(init_pixels)})["latent"]
+            x = sampler.add_noise(encoded, xp.asarray(noise), start_index)
+            timings["vae_encode"] = time.perf_counter() - t0
+
+        # 4. Denoise: one UNet call per scheduler timestep, CFG combine and step on the engines' array module.
+        t0 = time.perf_counter()
+        total = len(sampler.timesteps)
+        unet, scheduler_time = self.engines["unet"], 0.0
+        for i in range(start_index, total):
+            t = float(sampler.timesteps[i])
+            model_in = sampler.scale_model_input(x, i)
+            if use_cfg:
+                model_in = xp.concatenate([model_in, model_in])
+            rows = model_in.shape[0]
+            out = unet.infer({"sample": model_in, "timestep": xp.full((rows,), t, dtype=xp.float32),
+                              "encoder_hidden_states": context})["model_output"]
+            s0 = time.perf_counter()
+            if use_cfg:
+                uncond, cond = out[:n], out[n:]
+                out = uncond + guidance_scale * (cond - uncond)
+            step_noise = xp.asarray(rng.standard_normal(latent_shape, dtype=np.float32)) if sampler.stochastic else None
+            x = sampler.step(out, i, x, noise=step_noise)
+            scheduler_time += time.perf_counter() - s0
+            if callback is not None:
+                callback(i - start_index, total - start_index, t, x)
+        self._sync()
+        timings["denoise"] = time.perf_counter() - t0
+        timings["unet_per_step"] = timings["denoise"] / max(total - start_index, 1)
+        timings["scheduler_host"] = scheduler_time
+
+        # 5. Decode to [0, 1] images and bring them to the host: the only device-to-host copy.
+        t0 = time.perf_counter()
+        pixels = self.engines["vae_decoder"].infer({"latent": x})["images"]
+        pixels = pixels.get() if hasattr(pixels, "get") else np.asarray(pixels)  # CuPy -> NumPy
+        timings["vae_decode"] = time.perf_counter() - t0
+        if not np.isfinite(pixels).all():
+            raise FloatingPointError("the VAE decoder produced non-finite values (fp16 overflow?); re-export with an "
+                                     "fp32 VAE (`rtsd export --fp32-vae`) instead of writing a black image")
+        images = _to_pil(pixels)
+        timings["total"] = time.perf_counter() - start
+        parameters = {"prompt": prompts[0] if n == 1 else prompts, "negative_prompt": negatives[0] if n == 1 else negatives,
+                      "steps": steps, "guidance_scale": guidance_scale, "height": height, "width": width,
+                      "seed": seed, "scheduler": scheduler, "scheduler_options": scheduler_options or {},
+                      "strength": strength if image is not None else None, "backend": self.backend.name,
+                      "model": self.config.family, "checkpoint_sha256": self.manifest.source.get("sha256")}
+        return GenerationResult(images=images, seed=seed, timings=timings, parameters=parameters)
+
+    def _scheduler(self, name: str, steps: int, options: dict | None):
+        """A fresh scheduler for one generation, on the checkpoint's training schedule; options override."""
+        train = {k: v for k, v in self.manifest.to_dict()["scheduler"].items()}
+        return schedulers.create(name, num_inference_steps=steps, **{**train, **(options or {})})
+
+    def _sync(self) -> None:
+        self.engines["unet"].synchronize()  # all engines of a backend share one stream
+
+    def close(self) -> None:
+        for engine in self.engines.values():
+            engine.close()
+
+
+def _prompt_lists(prompt, negative_prompt, num_images: int) -> tuple[list[str], list[str]]:
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise TypeError("prompt must be a string or a non-empty list of strings")
+    if negative_prompt is None:
+        negatives = [""] * len(prompts)
+    else:
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) != len(prompts) or not all(isinstance(p, str) for p in negatives):
+            raise ValueError(f"negative_prompt must be a string or a list of {len(prompts)} strings, one per prompt")
+    if not isinstance(num_images, int) or num_images < 1:
+        raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
+    return ([p for p in prompts for _ in range(num_images)], [p for p in negatives for _ in range(num_images)])
+
+
+def _check_latents(latents, shape: tuple[int, ...]) -> np.ndarray:
+    latents = np.asarray(latents)
+    if latents.shape != shape:
+        raise ValueError(f"latents must have shape {shape} (images, channels, height/8, width/8), got {latents.shape}")
+    if not np.isfinite(latents).all():
+        raise ValueError("latents contain NaN or infinity")
+    return latents.astype(np.float32, copy=False)
+
+
+def _image_array(image, height: int, width: int, n: int) -> np.ndarray:
+    """An RGB init image of exactly (width, height) -> float32 (n, 3, H, W) in [0, 1]."""
+    from PIL import Image
+
+    if isinstance(image, (str, Path)):
+        try:
+            image = Image.open(image)
+            image.load()
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot read init image: {exc}") from None
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"image must be a PIL image or a path, got {type(image).__name__}")
+    if image.mode != "RGB":
+        raise ValueError(f"init image must be RGB, got mode {image.mode!r}; convert it with image.convert('RGB')")
+    if image.size != (width, height):
+        raise ValueError(f"init image is {image.size[0]}x{image.size[1]} but the requested size is {width}x{height}; "
+                         f"pass width={image.size[0]}, height={image.size[1]} or resize the image")
+    pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
+    return np.ascontiguousarray(np.broadcast_to(pixels, (n, *pixels.shape)))
+
+
+def _img2img_start(sampler, steps: int, strength: float) -> int:
+    """First scheduler index for img2img, as diffusers' img2img pipeline: skip (1 - strength) of the steps."""
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    init_steps = min(int(steps * strength), steps)
+    if init_steps < 1:
+        raise ValueError(f"strength {strength} with {steps} steps leaves no denoising step; raise strength or steps")
+    return (steps - init_steps) * sampler.order
+
+
+def _to_pil(pixels: np.ndarray) -> list:
+    from PIL import Image
+
+    array = (pixels.transpose(0, 2, 3, 1) * 255).round().clip(0, 255).astype(np.uint8)
+    return [Image.fromarray(a) for a in array]
