@@ -13,6 +13,7 @@ diffusers' torch.randn noise; pass ``latents=`` to use noise from elsewhere.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -23,9 +24,9 @@ import numpy as np
 
 from rtsd import schedulers
 from rtsd.engine import get_backend
-from rtsd.errors import EngineDirError
+from rtsd.errors import RtsdError
 from rtsd.export.manifest import Manifest
-from rtsd.export.specs import COMPONENTS
+from rtsd.export.specs import COMPONENTS, ShapeRange
 from rtsd.tokenizer import Tokenizer
 
 StepCallback = Callable[[int, int, float, Any], None]  # (step index, total steps, timestep, latents) after each step
@@ -44,24 +45,31 @@ class Runtime:
 
     def __init__(self, engine_dir: str | Path, backend: str | None = None):
         self.engine_dir = Path(engine_dir)
-        self.manifest = Manifest.read(self.engine_dir)
-        self.config = self.manifest.model
-        self.backend = get_backend(backend or self._default_backend())
-        self.manifest.check_files(self.engine_dir, backend=self.backend.name)
-        self.tokenizer = Tokenizer.load(self.engine_dir / self.manifest.tokenizer["directory"])
-        self.engines = self.backend.load(self.engine_dir, self.manifest, COMPONENTS)
-        self.xp = self.engines["unet"].xp
+        manifest = Manifest.read(self.engine_dir)
+        chosen = get_backend(backend or _default_backend(manifest))
+        manifest.check_files(self.engine_dir, backend=chosen.name)
+        tokenizer = Tokenizer.load(self.engine_dir / manifest.tokenizer["directory"])
+        self._setup(manifest.model, manifest.shape_range, tokenizer, chosen.name,
+                    chosen.load(self.engine_dir, manifest, COMPONENTS), manifest.source.get("sha256"))
 
-    def _default_backend(self) -> str:
-        """TensorRT when the directory has plans and TensorRT runs here; else ONNX Runtime."""
-        has_plans = all(self.manifest.engine_record(c, "tensorrt") for c in COMPONENTS)
-        if has_plans:
-            try:
-                get_backend("tensorrt")
-                return "tensorrt"
-            except Exception:  # noqa: BLE001 - any reason TensorRT cannot run here means: fall back
-                pass
-        return "onnxruntime"
+    @classmethod
+    def from_reference(cls, models, shape_range: ShapeRange | None = None) -> "Runtime":
+        """The same loop on the PyTorch reference models (needs torch): the parity oracle and benchmark baseline.
+
+        ``models`` comes from ``rtsd.models.load_checkpoint``; it runs on the models' device and dtype.
+        """
+        from rtsd.engine.torch import TorchBackend
+
+        runtime = cls.__new__(cls)
+        runtime.engine_dir = None
+        range_ = shape_range or ShapeRange(min_size=64, max_size=2048, opt_size=512, max_batch=16, size_multiple=64)
+        runtime._setup(models.config, range_, models.tokenizer, "torch", TorchBackend(models).load(), None)
+        return runtime
+
+    def _setup(self, config, shape_range, tokenizer, backend_name, engines, source_sha256) -> None:
+        self.config, self.shape_range, self.tokenizer = config, shape_range, tokenizer
+        self.backend_name, self.engines, self.source_sha256 = backend_name, engines, source_sha256
+        self.xp = engines["unet"].xp
 
     def generate(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
                  steps: int = 30, guidance_scale: float = 7.5, height: int = 512, width: int = 512,
@@ -74,7 +82,7 @@ class Runtime:
         # 1. Check the whole request before any engine runs.
         prompts, negatives = _prompt_lists(prompt, negative_prompt, num_images)
         n = len(prompts)
-        self.manifest.shape_range.check(n, height, width)
+        self.shape_range.check(n, height, width)
         if self.config.is_inpainting:
             raise ValueError("this engine directory holds an inpainting UNet (9 input channels); generate() drives "
                              "text-to-image and image-to-image UNets only")
@@ -136,7 +144,7 @@ class Runtime:
         # 5. Decode to [0, 1] images and bring them to the host: the only device-to-host copy.
         t0 = time.perf_counter()
         pixels = self.engines["vae_decoder"].infer({"latent": x})["images"]
-        pixels = pixels.get() if hasattr(pixels, "get") else np.asarray(pixels)  # CuPy -> NumPy
+        pixels = self.engines["vae_decoder"].to_host(pixels)
         timings["vae_decode"] = time.perf_counter() - t0
         if not np.isfinite(pixels).all():
             raise FloatingPointError("the VAE decoder produced non-finite values (fp16 overflow?); re-export with an "
@@ -146,13 +154,13 @@ class Runtime:
         parameters = {"prompt": prompts[0] if n == 1 else prompts, "negative_prompt": negatives[0] if n == 1 else negatives,
                       "steps": steps, "guidance_scale": guidance_scale, "height": height, "width": width,
                       "seed": seed, "scheduler": scheduler, "scheduler_options": scheduler_options or {},
-                      "strength": strength if image is not None else None, "backend": self.backend.name,
-                      "model": self.config.family, "checkpoint_sha256": self.manifest.source.get("sha256")}
+                      "strength": strength if image is not None else None, "backend": self.backend_name,
+                      "model": self.config.family, "checkpoint_sha256": self.source_sha256}
         return GenerationResult(images=images, seed=seed, timings=timings, parameters=parameters)
 
     def _scheduler(self, name: str, steps: int, options: dict | None):
         """A fresh scheduler for one generation, on the checkpoint's training schedule; options override."""
-        train = {k: v for k, v in self.manifest.to_dict()["scheduler"].items()}
+        train = dataclasses.asdict(self.config.scheduler)
         return schedulers.create(name, num_inference_steps=steps, **{**train, **(options or {})})
 
     def _sync(self) -> None:
@@ -161,6 +169,17 @@ class Runtime:
     def close(self) -> None:
         for engine in self.engines.values():
             engine.close()
+
+
+def _default_backend(manifest: Manifest) -> str:
+    """TensorRT when the directory has plans for every component and TensorRT runs here; else ONNX Runtime."""
+    if all(manifest.engine_record(c, "tensorrt") for c in COMPONENTS):
+        try:
+            get_backend("tensorrt")
+            return "tensorrt"
+        except RtsdError:  # TensorRT, CuPy or a GPU missing here: the ONNX files still run
+            pass
+    return "onnxruntime"
 
 
 def _prompt_lists(prompt, negative_prompt, num_images: int) -> tuple[list[str], list[str]]:

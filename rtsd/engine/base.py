@@ -10,6 +10,8 @@ CuPy device arrays for TensorRT, so a generation's latents can stay on the devic
 from __future__ import annotations
 
 from pathlib import Path
+
+import numpy as np
 from types import ModuleType
 from typing import Any, Mapping, Protocol
 
@@ -27,6 +29,9 @@ class Engine(Protocol):
 
     def infer(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         """Run one call; feeds are validated against ``spec`` (names, dtypes, shapes) before anything runs."""
+
+    def to_host(self, array: Any) -> "np.ndarray":
+        """Copy one of this engine's arrays to a host NumPy array (a no-op for host backends)."""
 
     def synchronize(self) -> None:
         """Wait until queued work is done (a no-op for synchronous backends); used for honest stage timings."""

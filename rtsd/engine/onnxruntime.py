@@ -47,6 +47,9 @@ class OnnxRuntimeEngine:
         results = self.session.run(self._outputs, dict(feeds))
         return dict(zip(self._outputs, results))
 
+    def to_host(self, array) -> np.ndarray:
+        return array
+
     def synchronize(self) -> None:
         """Session.run is synchronous."""
 

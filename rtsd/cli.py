@@ -1,0 +1,251 @@
+"""The ``rtsd`` command: export | generate | parity | info | demo.
+
+User errors (bad paths, options, files, requests) print one line on stderr and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rtsd.errors import RtsdError
+
+USER_ERRORS = (RtsdError, ValueError, TypeError, FileNotFoundError, PermissionError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except USER_ERRORS as exc:
+        print(f"rtsd {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"rtsd {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    from rtsd import __version__
+
+    parser = argparse.ArgumentParser(prog="rtsd", description="Stable Diffusion checkpoints -> ONNX / TensorRT "
+                                     "engines -> images, with a torch-free runtime.")
+    parser.add_argument("--version", action="version", version=f"rtsd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("export", help="export a checkpoint to an engine directory")
+    p.add_argument("--checkpoint", type=Path, help=".safetensors / .ckpt file or diffusers folder")
+    p.add_argument("--output", "-o", type=Path, help="engine directory to create")
+    p.add_argument("--backend", choices=("onnx", "tensorrt"), default="onnx",
+                   help="onnx: ONNX files run by ONNX Runtime; tensorrt: also build fp16 TensorRT engines")
+    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="ONNX weight precision")
+    p.add_argument("--min-size", type=int, default=256, help="smallest image side in pixels (multiple of 64)")
+    p.add_argument("--max-size", type=int, default=1024, help="largest image side in pixels (multiple of 64)")
+    p.add_argument("--opt-size", type=int, default=512, help="image side TensorRT tunes for")
+    p.add_argument("--max-batch", type=int, default=4, help="most images per call (CFG doubles the UNet batch)")
+    p.add_argument("--static", action="store_true", help="TensorRT: one fixed shape (opt size, max batch)")
+    p.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimization level 0..5")
+    p.add_argument("--fp32-vae", action="store_true", help="TensorRT: build the VAE in fp32 (no fp16 overflow)")
+    p.add_argument("--rebuild", type=Path, metavar="ENGINE_DIR",
+                   help="rebuild the stale TensorRT engines of an existing engine directory (with --backend tensorrt)")
+    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"),
+                   help="override: weights cannot tell; default from the checkpoint's YAML, else epsilon")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    p.set_defaults(run=_export)
+
+    p = sub.add_parser("generate", help="generate images from a prompt")
+    p.add_argument("engine_dir", type=Path)
+    p.add_argument("prompt")
+    p.add_argument("-o", "--output", type=Path, default=Path("out.png"))
+    p.add_argument("--negative", default=None, help="negative prompt")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--cfg", type=float, default=7.5, help="guidance scale; <= 1 disables classifier-free guidance")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--size", default=None, help="WxH, e.g. 512x512 (default: the init image's size, else 512x512)")
+    p.add_argument("--scheduler", default="dpmpp_2m")
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--image", type=Path, help="init image for img2img")
+    p.add_argument("--strength", type=float, default=0.8, help="img2img: how much of the init image to repaint")
+    p.add_argument("--backend", choices=("tensorrt", "onnxruntime"), default=None)
+    p.set_defaults(run=_generate)
+
+    p = sub.add_parser("parity", help="compare an engine directory with the PyTorch reference")
+    p.add_argument("engine_dir", type=Path)
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--backend", choices=("tensorrt", "onnxruntime"), default=None)
+    p.add_argument("--steps", type=int, default=4, help="steps of the end-to-end check")
+    p.add_argument("--json", type=Path, help="also write the report as JSON")
+    p.set_defaults(run=_parity)
+
+    p = sub.add_parser("info", help="describe a checkpoint or an engine directory")
+    p.add_argument("path", type=Path)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=_info)
+
+    p = sub.add_parser("demo", help="tiny synthetic checkpoint -> export -> image, on the CPU")
+    p.add_argument("--workdir", type=Path, default=Path("rtsd-demo"))
+    p.add_argument("--steps", type=int, default=20)
+    p.set_defaults(run=_demo)
+    return parser
+
+
+def _export(args) -> int:
+    if args.rebuild:
+        if args.backend != "tensorrt":
+            raise ValueError("--rebuild rebuilds TensorRT engines: add --backend tensorrt")
+        from rtsd.export.manifest import Manifest
+        from rtsd.export.tensorrt import build_engines
+
+        build_engines(args.rebuild, Manifest.read(args.rebuild), rebuild_stale_only=True,
+                      optimization_level=args.opt_level, progress=print)
+        return 0
+    if not args.checkpoint or not args.output:
+        raise ValueError("export needs --checkpoint PATH and --output DIR (or --rebuild ENGINE_DIR)")
+    from rtsd.export.pipeline import export
+    from rtsd.export.specs import ShapeRange
+
+    shape_range = ShapeRange(min_size=args.min_size, max_size=args.max_size,
+                             opt_size=min(max(args.opt_size, args.min_size), args.max_size),
+                             max_batch=args.max_batch, static=args.static)
+    trt = {"optimization_level": args.opt_level,
+           "fp32_components": ("vae_decoder", "vae_encoder") if args.fp32_vae else ()}
+    export(args.checkpoint, args.output, shape_range=shape_range, precision=args.precision, backend=args.backend,
+           prediction_type=args.prediction_type, overwrite=args.force,
+           tensorrt_options=trt if args.backend == "tensorrt" else None)
+    return 0
+
+
+def _generate(args) -> int:
+    from rtsd.runtime import Runtime
+
+    width, height = _size(args.size, args.image)
+    runtime = Runtime(args.engine_dir, backend=args.backend)
+    result = runtime.generate(args.prompt, args.negative, steps=args.steps, guidance_scale=args.cfg, height=height,
+                              width=width, seed=args.seed, scheduler=args.scheduler, num_images=args.num_images,
+                              image=args.image, strength=args.strength, callback=_progress_bar(args.steps))
+    for path, image in zip(_output_paths(args.output, len(result.images)), result.images):
+        save_png(image, path, result.parameters)
+        print(f"wrote {path}")
+    print(f"seed {result.seed}; " + ", ".join(f"{k} {v:.3f} s" for k, v in result.timings.items()))
+    return 0
+
+
+def _parity(args) -> int:
+    from rtsd.export.parity import check_engine_dir
+
+    report = check_engine_dir(args.engine_dir, args.checkpoint, backend=args.backend, steps=args.steps)
+    print(report.table())
+    if args.json:
+        args.json.write_text(json.dumps(report.to_dict(), indent=2))
+    return 0 if report.passed else 1
+
+
+def _info(args) -> int:
+    if (args.path / "manifest.json").is_file():
+        from rtsd.export.manifest import Manifest
+
+        info = Manifest.read(args.path).to_dict()
+    else:
+        from rtsd.checkpoint import open_checkpoint, read_prediction_type, summarize
+
+        info = summarize(open_checkpoint(args.path))
+        from_yaml = read_prediction_type(args.path)
+        info["prediction_type"] = from_yaml or "epsilon (default: weights cannot tell; a YAML beside the checkpoint " \
+                                               "or --prediction-type decides at export)"
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+    else:
+        _print_tree(info)
+    return 0
+
+
+def _demo(args) -> int:
+    import time
+
+    from rtsd.export.pipeline import export
+    from rtsd.export.specs import ShapeRange
+    from rtsd.models.synthetic import write_checkpoint
+    from rtsd.runtime import Runtime
+
+    start = time.perf_counter()
+    work = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    checkpoint = write_checkpoint(work / "tiny.safetensors", preset="tiny", seed=0)
+    print(f"wrote a tiny random-weight SD 1.x checkpoint: {checkpoint}")
+    engines = export(checkpoint, work / "engines", shape_range=ShapeRange(min_size=128, max_size=512, opt_size=256,
+                                                                          max_batch=2), overwrite=True)
+    result = Runtime(engines, backend="onnxruntime").generate(
+        "a watercolor painting of a lighthouse at dawn", steps=args.steps, height=256, width=256, seed=0,
+        callback=_progress_bar(args.steps))
+    path = work / "demo.png"
+    save_png(result.images[0], path, result.parameters)
+    print(f"demo image (random weights, so expect colourful noise): {path.resolve()}")
+    print(f"demo finished in {time.perf_counter() - start:.1f} s; with a real checkpoint: "
+          f"rtsd export --checkpoint sd.safetensors --output engines && rtsd generate engines \"a prompt\"")
+    return 0
+
+
+def save_png(image, path: Path, parameters: dict) -> None:
+    """Save with the generation parameters in a PNG text chunk, so the image says how it was made."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", json.dumps(parameters, default=str))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, pnginfo=info)
+
+
+def _size(text: str | None, image: Path | None) -> tuple[int, int]:
+    if text is None:
+        if image is None:
+            return 512, 512
+        from PIL import Image
+
+        try:
+            with Image.open(image) as handle:
+                return handle.size
+        except OSError as exc:
+            raise ValueError(f"cannot read init image {image}: {exc}") from None
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--size must look like 512x768 (width x height), got {text!r}") from None
+    return width, height
+
+
+def _output_paths(path: Path, count: int) -> list[Path]:
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}") for i in range(count)]
+
+
+def _progress_bar(steps: int):
+    from tqdm import tqdm
+
+    bar = None
+
+    def update(index: int, total: int, timestep: float, latents) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc="denoising", unit="step")
+        bar.update(1)
+        if index + 1 == total:
+            bar.close()
+
+    return update
+
+
+def _print_tree(data, indent: int = 0) -> None:
+    for key, value in data.items():
+        if isinstance(value, dict):
+            print(" " * indent + f"{key}:")
+            _print_tree(value, indent + 2)
+        else:
+            print(" " * indent + f"{key}: {value}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

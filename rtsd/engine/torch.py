@@ -1,0 +1,77 @@
+"""The PyTorch reference models behind the Engine protocol.
+
+Not a production backend: it lets the very same generation loop run on the reference (fp32 on the CPU, fp16 on
+CUDA), which makes it the oracle for end-to-end parity and the "PyTorch reference" baseline in benchmarks.
+Tensors stay on the models' device between calls; I/O dtypes follow the spec (float32 latents), the models run in
+their own dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from rtsd.export.onnx import component_module
+from rtsd.export.specs import COMPONENTS, specs_for
+
+
+class TorchArrays:
+    """The few array-module functions the runtime loop uses, bound to one torch device."""
+
+    float32 = torch.float32
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def asarray(self, array) -> torch.Tensor:
+        return torch.as_tensor(array, device=self.device)
+
+    def concatenate(self, arrays) -> torch.Tensor:
+        return torch.cat(list(arrays))
+
+    def full(self, shape, value, dtype=torch.float32) -> torch.Tensor:
+        return torch.full(shape, value, dtype=dtype, device=self.device)
+
+
+class TorchEngine:
+    def __init__(self, name: str, models, xp: TorchArrays):
+        self.name, self.xp = name, xp
+        self.spec = specs_for(models.config)[name]
+        self.module = component_module(models, name)
+        self.dtype = next(self.module.parameters()).dtype
+
+    def allocate(self, shapes) -> None:
+        """The caching allocator of torch reserves memory itself."""
+
+    def infer(self, feeds: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        args = []
+        for t in self.spec.inputs:
+            value = self.xp.asarray(feeds[t.name])
+            args.append(value.to(self.dtype) if t.dtype.startswith("float") else value)
+        with torch.inference_mode():
+            out = self.module(*args)
+        return {self.spec.outputs[0].name: out.float()}
+
+    def to_host(self, array) -> np.ndarray:
+        return array.detach().float().cpu().numpy()
+
+    def synchronize(self) -> None:
+        if self.xp.device.type == "cuda":
+            torch.cuda.synchronize(self.xp.device)
+
+    def close(self) -> None:
+        self.module = None
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, models):
+        self.models = models
+        self.device = next(models.unet.parameters()).device
+
+    def load(self, engine_dir=None, manifest=None, components=COMPONENTS) -> dict[str, TorchEngine]:
+        xp = TorchArrays(self.device)
+        return {name: TorchEngine(name, self.models, xp) for name in components}

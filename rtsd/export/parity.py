@@ -1,0 +1,150 @@
+"""Numerical parity of engines against the PyTorch reference: one library function for export, tests and the CLI.
+
+Metrics (computed in float64): max-abs error, relative L2 error ||a - r|| / ||r||, cosine similarity, and PSNR
+(peak = the reference's max |value|, as Apple's torch2coreml compute_psnr; images use their 0..1 range).
+Thresholds are those of DESIGN.md, named here once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from rtsd.export.specs import COMPONENTS
+
+# fp32 ONNX (ONNX Runtime) vs fp32 reference, per sub-model.
+FP32_MAX_REL_L2 = 1e-4
+# fp16 engines vs fp32 reference, per sub-model.
+FP16_MIN_COSINE = 0.999
+# Decoded images end to end, same seed and latents.
+MIN_IMAGE_PSNR_DB = 30.0
+
+
+@dataclass(frozen=True)
+class Metrics:
+    max_abs: float
+    rel_l2: float
+    cosine: float
+    psnr: float
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def compare(actual, reference, peak: float | None = None) -> Metrics:
+    """Error of ``actual`` against ``reference`` (same shape)."""
+    a = np.asarray(actual, dtype=np.float64).ravel()
+    r = np.asarray(reference, dtype=np.float64).ravel()
+    if a.shape != r.shape:
+        raise ValueError(f"cannot compare arrays of {a.size} and {r.size} elements")
+    diff = a - r
+    ref_norm, act_norm = np.linalg.norm(r), np.linalg.norm(a)
+    rel_l2 = float(np.linalg.norm(diff) / ref_norm) if ref_norm else float(np.linalg.norm(diff))
+    cosine = float(a @ r / (act_norm * ref_norm)) if act_norm and ref_norm else float(act_norm == ref_norm)
+    return Metrics(max_abs=float(np.abs(diff).max(initial=0.0)), rel_l2=rel_l2, cosine=cosine,
+                   psnr=psnr(a, r, peak if peak is not None else float(np.abs(r).max(initial=0.0))))
+
+
+def psnr(actual, reference, peak: float = 1.0) -> float:
+    mse = float(np.mean((np.asarray(actual, np.float64) - np.asarray(reference, np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
+
+
+@dataclass
+class Check:
+    name: str  # "unet 2x4x32x48" or "end-to-end"
+    metrics: Metrics
+    criterion: str  # e.g. "rel_l2 < 1e-04"
+    passed: bool
+
+
+@dataclass
+class ParityReport:
+    precision: str
+    backend: str
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def table(self) -> str:
+        lines = [f"parity of {self.backend} ({self.precision}) vs the PyTorch fp32 reference",
+                 f"{'check':34} {'max-abs':>10} {'rel-L2':>10} {'cosine':>10} {'PSNR dB':>8}  criterion"]
+        for c in self.checks:
+            m = c.metrics
+            lines.append(f"{c.name:34} {m.max_abs:10.3e} {m.rel_l2:10.3e} {m.cosine:10.6f} {m.psnr:8.2f}  "
+                         f"{c.criterion} {'ok' if c.passed else 'FAIL'}")
+        lines.append("PASS" if self.passed else "FAIL")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"precision": self.precision, "backend": self.backend, "passed": self.passed,
+                "checks": [{"name": c.name, "criterion": c.criterion, "passed": c.passed, **c.metrics.to_dict()}
+                           for c in self.checks]}
+
+
+def judge(name: str, metrics: Metrics, precision: str) -> Check:
+    """Apply DESIGN.md's per-sub-model threshold for an engine of ``precision``."""
+    if precision == "fp32":
+        return Check(name, metrics, f"rel_l2 < {FP32_MAX_REL_L2:.0e}", metrics.rel_l2 < FP32_MAX_REL_L2)
+    return Check(name, metrics, f"cosine > {FP16_MIN_COSINE}", metrics.cosine > FP16_MIN_COSINE)
+
+
+def check_engine_dir(engine_dir: str | Path, checkpoint: str | Path, *, backend: str | None = None,
+                     shapes: tuple[tuple[int, int, int], ...] = ((1, 256, 256), (2, 256, 320)),
+                     steps: int = 4, progress: Callable[[str], None] | None = None) -> ParityReport:
+    """Run every sub-model of ``engine_dir`` and the reference on the same inputs, then one short generation.
+
+    shapes: (images, height, width) per sub-model check, clipped into the exported range.
+    """
+    import torch
+
+    from rtsd.export.manifest import Manifest
+    from rtsd.models import load_checkpoint
+    from rtsd.runtime import Runtime
+
+    say = progress or (lambda message: None)
+    runtime = Runtime(engine_dir, backend=backend)
+    manifest = Manifest.read(engine_dir)
+    models = load_checkpoint(checkpoint, dtype=torch.float32, device="cpu")
+    reference = Runtime.from_reference(models)
+    engines = runtime.engines
+    precisions = {_precision(manifest, name, runtime.backend_name) for name in COMPONENTS}
+    report = ParityReport(precision="fp16" if "fp16" in precisions else "fp32", backend=runtime.backend_name)
+    r = manifest.shape_range
+    for images, height, width in shapes:
+        height, width = (min(max(v, r.min_size), r.max_size) for v in (height, width))
+        images = min(max(images, r.min_batch), r.max_batch)
+        for name in COMPONENTS:
+            spec = manifest.spec(name)
+            rows = images * spec.batch_factor
+            feeds = spec.sample_inputs(rows, height, width, seed=rows + height + width)
+            actual = engines[name].to_host(engines[name].infer({k: engines[name].xp.asarray(v) for k, v in feeds.items()})
+                                           [spec.outputs[0].name])
+            expected = reference.engines[name].to_host(reference.engines[name].infer(feeds)[spec.outputs[0].name])
+            shape = "x".join(map(str, feeds[spec.inputs[0].name].shape))
+            check = judge(f"{name} {shape}", compare(actual, expected), _precision(manifest, name, runtime.backend_name))
+            say(f"{check.name}: rel_l2 {check.metrics.rel_l2:.2e} cosine {check.metrics.cosine:.6f}")
+            report.checks.append(check)
+    # End to end: same latents, scheduler and prompt through both loops; images compared in 0..1.
+    size = min(max(r.opt_size, r.min_size), r.max_size)
+    latents = np.random.default_rng(0).standard_normal((1, manifest.model.latent_channels, size // 8, size // 8),
+                                                       dtype=np.float32)
+    kwargs = dict(steps=steps, height=size, width=size, latents=latents, scheduler="euler", seed=0)
+    ours = np.asarray(runtime.generate("a photo of an astronaut riding a horse", **kwargs).images[0], np.float64) / 255
+    ref = np.asarray(reference.generate("a photo of an astronaut riding a horse", **kwargs).images[0], np.float64) / 255
+    metrics = compare(ours, ref, peak=1.0)
+    report.checks.append(Check(f"end-to-end {size}x{size} {steps} steps", metrics,
+                               f"PSNR > {MIN_IMAGE_PSNR_DB:.0f} dB", metrics.psnr > MIN_IMAGE_PSNR_DB))
+    return report
+
+
+def _precision(manifest, name: str, backend: str) -> str:
+    """Precision of the weights the backend runs for ``name``: the .plan's for TensorRT, else the ONNX file's."""
+    record = manifest.engine_record(name, backend) if backend == "tensorrt" else None
+    return (record or manifest.components[name]["onnx"])["precision"]

@@ -1,0 +1,151 @@
+"""``export(checkpoint, output)``: checkpoint -> reference models -> ONNX (-> TensorRT) -> a complete engine directory.
+
+Everything is written into a hidden temporary directory beside ``output`` and renamed into place at the end, so an
+interrupted or failed export never leaves a half-written engine directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from rtsd.errors import MissingDependencyError, RtsdError
+from rtsd.export.manifest import Manifest, sha256_file
+from rtsd.export.specs import COMPONENTS, ShapeRange, specs_for
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+Progress = Callable[[str], None]
+
+
+def export(checkpoint: str | Path, output: str | Path, *, shape_range: ShapeRange | None = None,
+           precision: str = "fp32", backend: str = "onnx", prediction_type: str | None = None,
+           overwrite: bool = False, progress: Progress | None = print, tensorrt_options: dict | None = None,
+           components: Sequence[str] = COMPONENTS) -> Path:
+    """Export ``checkpoint`` to the engine directory ``output``; returns its path.
+
+    backend: "onnx" (ONNX files only, run with ONNX Runtime) or "tensorrt" (also builds fp16 .plan engines).
+    prediction_type: overrides what the checkpoint's YAML (or the default, epsilon) says.
+    """
+    shape_range = shape_range or ShapeRange()
+    output = Path(output)
+    say = progress or (lambda message: None)
+    _check_request(output, overwrite, precision, backend, prediction_type)
+    if backend == "tensorrt":
+        from rtsd.export.tensorrt import require_tensorrt
+
+        require_tensorrt()  # fail in a second, not after minutes of ONNX export
+    import torch
+
+    from rtsd.checkpoint import open_checkpoint, read_prediction_type
+    from rtsd.export.onnx import export_component
+    from rtsd.models import load_checkpoint
+
+    stages = 3 + len(components) + (backend == "tensorrt")
+    stage = _Stages(stages, say)
+    with stage("reading checkpoint"):
+        source = open_checkpoint(checkpoint)
+        models = load_checkpoint(checkpoint, dtype=torch.float32, device="cpu")
+        chosen, origin = _prediction_type(prediction_type, read_prediction_type(checkpoint))
+        config = dataclasses.replace(models.config,
+                                     scheduler=dataclasses.replace(models.config.scheduler, prediction_type=chosen))
+        say(f"      {config.family}, prediction type {chosen} ({origin})")
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    try:
+        with stage("writing tokenizer"):
+            models.tokenizer.save(work / "tokenizer")
+        specs = specs_for(config)
+        records = {}
+        for name in components:
+            with stage(f"exporting {name} to ONNX ({precision})"):
+                files = export_component(models, name, work / f"{name}.onnx", shape_range, precision=precision)
+                records[name] = {
+                    "onnx": {"file": files[0].name, "data_files": [f.name for f in files[1:]],
+                             "sha256": sha256_file(files[0]), "precision": precision},
+                    "io": specs[name].to_dict(), "profile": _profile_json(specs[name].profile(shape_range)),
+                    "engines": {}}
+        manifest = Manifest(model=config, shape_range=shape_range, tokenizer=_tokenizer_record(models.tokenizer),
+                            source={"checkpoint": Path(checkpoint).name, "sha256": source.sha256(),
+                                    "format": source.format},
+                            components=records)
+        with stage("writing manifest"):
+            manifest.write(work)
+        if backend == "tensorrt":
+            from rtsd.export.tensorrt import build_engines
+
+            with stage("building TensorRT engines (fp16)"):
+                build_engines(work, manifest, progress=say, **(tensorrt_options or {}))
+        _replace_dir(work, output)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    say(f"engine directory ready: {output}")
+    return output
+
+
+def _check_request(output: Path, overwrite: bool, precision: str, backend: str, prediction_type: str | None) -> None:
+    if output.exists() and not output.is_dir():
+        raise RtsdError(f"output {output} exists and is not a directory; choose another --output")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise RtsdError(f"output directory {output} is not empty; pass --force to replace it")
+    if precision not in ("fp32", "fp16"):
+        raise ValueError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
+    if backend not in ("onnx", "tensorrt"):
+        raise ValueError(f"backend must be 'onnx' or 'tensorrt', got {backend!r}")
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
+    try:
+        import torch  # noqa: F401
+        import onnx  # noqa: F401
+    except ImportError as exc:
+        raise MissingDependencyError(exc.name or "torch", "export", "Exporting a checkpoint") from None
+
+
+def _prediction_type(requested: str | None, from_yaml: str | None) -> tuple[str, str]:
+    """Weights cannot tell epsilon from v-prediction: flag, then the checkpoint's YAML, then the default."""
+    if requested:
+        return requested, "from --prediction-type"
+    if from_yaml:
+        return from_yaml, "from the original-config YAML beside the checkpoint"
+    return "epsilon", "default: weights cannot tell; pass --prediction-type v_prediction for 768-v models"
+
+
+def _tokenizer_record(tokenizer) -> dict:
+    return {"directory": "tokenizer", "max_length": tokenizer.max_length, "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+
+
+def _profile_json(profile: dict) -> dict:
+    return {name: {k: list(v) for k, v in corners.items()} for name, corners in profile.items()}
+
+
+def _replace_dir(work: Path, output: Path) -> None:
+    """Move the finished ``work`` directory to ``output``; an old ``output`` is removed only once the new one is whole."""
+    old = None
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{int(time.time())}")
+        output.rename(old)
+    work.rename(output)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class _Stages:
+    """Numbered progress lines with the time each stage took: '[2/7] exporting unet to ONNX (fp32) ... 12.3 s'."""
+
+    def __init__(self, total: int, say: Progress):
+        self.total, self.done, self.say = total, 0, say
+
+    @contextlib.contextmanager
+    def __call__(self, title: str):
+        self.done += 1
+        start = time.perf_counter()
+        self.say(f"[{self.done}/{self.total}] {title} ...")
+        yield
+        self.say(f"      done in {time.perf_counter() - start:.1f} s")
