@@ -4,14 +4,19 @@ The vocabulary is OpenAI CLIP's ``bpe_simple_vocab_16e6.txt.gz`` (MIT, see ``rts
 package data; it was taken from the ``clip-anytorch`` 2.6.0 wheel (byte-identical to the one in ``open_clip_torch``).
 
 Text handling matches ``transformers.CLIPTokenizer`` (tokenizers-backed since transformers 5, ``CLIPTokenizerFast``
-before), which is what diffusers' SD pipelines run: NFC, runs of whitespace -> one space, lowercase, CLIP's split
-regex, byte-level BPE with a ``</w>`` end-of-word suffix. It does not run ftfy or HTML unescaping (OpenAI's original
-``simple_tokenizer`` and transformers < 5's slow tokenizer with ftfy did): those cannot be expressed in
-``tokenizer.json`` for C++ hosts, and they only change prompts with HTML entities, mojibake, curly quotes, ligatures or
-full-width characters.
+before), which is what diffusers' SD pipelines run: NFC, runs of whitespace -> one space, lowercase one character at
+a time, CLIP's split regex, byte-level BPE with a ``</w>`` end-of-word suffix. Where that differs from OpenAI's
+original ``simple_tokenizer`` (and transformers < 5's slow tokenizer with ftfy installed), we follow transformers,
+since ``tokenizer.json`` (read by C++ hosts) cannot express the rest:
 
-Each encoded row is ``bos, tokens[:max_length - 2], eos, pad...``; SD 1.x pads with ``<|endoftext|>`` (49407),
-SD 2.x / OpenCLIP with 0.
+- no ftfy / HTML unescaping: prompts with HTML entities, mojibake, curly quotes, ligatures, full-width characters or
+  control characters tokenize differently;
+- a word-final capital sigma lowercases to "σ", not "ς";
+- only the exact text ``<|endoftext|>`` / ``<|startoftext|>`` in a prompt is the special token, not other casings.
+
+Each encoded row is ``bos, tokens[:max_length - 2], eos, pad...``. SD 1.x pads with ``<|endoftext|>`` (49407),
+SD 2.x / OpenCLIP with 0. The pad id only fills the padding: unlike transformers with diffusers' SD 2.x
+``pad_token="!"``, a "!" in a prompt stays "!</w>" (256), as in OpenCLIP, which SD 2.x was trained with.
 """
 
 from __future__ import annotations
@@ -50,15 +55,10 @@ _SPLIT_PATTERN = (
 
 
 def byte_alphabet() -> list[str]:
-    """The 256 printable stand-ins for bytes 0..255, in CLIP's vocab order (GPT-2's byte-to-unicode table)."""
+    """The 256 printable stand-ins for bytes, in CLIP's vocab order (GPT-2's byte-to-unicode table): bytes that
+    are printable stand for themselves and come first; the rest (controls, space, ...) become chr(256 + i)."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table = {b: chr(b) for b in printable}
-    # The remaining bytes (controls, space, ...) map to code points from 256 upwards, in byte order.
-    extra = (b for b in range(256) if b not in table)
-    for offset, b in enumerate(extra):
-        table[b] = chr(256 + offset)
-    # CLIP's vocab lists the printable bytes first, then the remapped ones.
-    return [table[b] for b in printable] + [table[b] for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(256 - len(printable))]
 
 
 def read_merges(path: str | Path) -> list[tuple[str, str]]:
@@ -73,7 +73,8 @@ def read_merges(path: str | Path) -> list[tuple[str, str]]:
 def build_vocab(merges: Sequence[tuple[str, str]]) -> dict[str, int]:
     """CLIP's token -> id table: bytes, bytes + ``</w>``, one token per merge, then bos and eos."""
     alphabet = byte_alphabet()
-    tokens = alphabet + [b + END_OF_WORD for b in alphabet] + ["".join(pair) for pair in merges] + [BOS_TOKEN, EOS_TOKEN]
+    merged = ["".join(pair) for pair in merges]
+    tokens = alphabet + [b + END_OF_WORD for b in alphabet] + merged + [BOS_TOKEN, EOS_TOKEN]
     vocab = {token: i for i, token in enumerate(tokens)}
     if len(vocab) != len(tokens):
         raise ValueError("CLIP BPE merges produce duplicate tokens; the vocabulary file is not CLIP's")
@@ -98,8 +99,8 @@ def build_backend(vocab: dict[str, int], merges: Sequence[tuple[str, str]]) -> _
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(_SPLIT_PATTERN), behavior="removed", invert=True),
-            # The split above already made the words; GPT-2's own regex would not split them further.
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            # GPT-2's regex on top, as transformers has it: it only splits "<|EndOfText|>"-like words further.
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
         ]
     )
     # Bytes back to text, then each end-of-word marker becomes the space it stood for.
@@ -247,8 +248,24 @@ class Tokenizer:
                 raise TypeError(f"prompts[{i}] is {type(prompt).__name__} ({prompt!r:.60}), expected str")
         if not batch:
             return np.zeros((0, self.max_length), dtype=np.int64)
-        encodings = self._backend.encode_batch(list(batch), add_special_tokens=True)
+        try:
+            encodings = self._backend.encode_batch(list(batch), add_special_tokens=True)
+        except TypeError:
+            _raise_for_unencodable(batch)
+            raise
         return np.array([e.ids for e in encodings], dtype=np.int64)
+
+
+def _raise_for_unencodable(batch: Sequence[str]) -> None:
+    # tokenizers rejects str that has no UTF-8 form (lone surrogates) with an opaque TypeError; name the prompt.
+    for i, prompt in enumerate(batch):
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ValueError(
+                f"prompts[{i}] is not valid Unicode text ({err.reason} at index {err.start}); "
+                "decode the prompt with errors='replace' first"
+            ) from None
 
 
 def _read_config(path: Path) -> dict:

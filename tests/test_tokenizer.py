@@ -185,7 +185,8 @@ def openai_byte_table() -> dict[int, str]:
 
 
 def openai_merges_and_vocab() -> tuple[list[tuple[str, str]], list[str]]:
-    """As in OpenAI's simple_tokenizer.py: merges are lines 1..48894 of the file; vocab = bytes, bytes+</w>, merges, specials."""
+    """As in OpenAI's simple_tokenizer.py: merges are lines 1..48894 of the file;
+    vocab = bytes, bytes + </w>, one token per merge, then the two special tokens."""
     lines = gzip.open(default_vocab_path()).read().decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
     byte_chars = list(openai_byte_table().values())
@@ -201,7 +202,7 @@ def canonical_clean(text: str) -> str:
 
 def ftfy_clean(text: str) -> str:
     """OpenAI simple_tokenizer (and transformers < 5's slow CLIPTokenizer with ftfy): basic_clean + whitespace_clean."""
-    import ftfy
+    import ftfy  # test-only; the test that needs it skips without it
 
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return regex.sub(r"\s+", " ", text).strip().lower()
@@ -321,6 +322,7 @@ def test_equals_python_bpe_with_canonical_cleanup(tokenizer_by_pad, pad_id):
 
 
 def test_ftfy_cleanup_is_the_only_difference_to_openai_original(tokenizer_by_pad):
+    pytest.importorskip("ftfy", reason="ftfy (OpenAI's text clean-up) is needed for this reference")
     reference = PythonBPE(ftfy_clean)
     ours = tokenizer_by_pad[SD15_PAD](PROMPTS)
     cleaned_differently = {p for p in PROMPTS if ftfy_clean(p) != canonical_clean(p).strip()}
@@ -328,10 +330,20 @@ def test_ftfy_cleanup_is_the_only_difference_to_openai_original(tokenizer_by_pad
         if prompt not in cleaned_differently:
             assert row.tolist() == reference.row(prompt, SD15_PAD), prompt
     # The deliberate differences are real (otherwise the documentation in rtsd/tokenizer.py would be stale).
-    for prompt in ("&amp; &lt;tag&gt; &quot;quoted&quot; &#39;apos&#39; &nbsp;", "ＦＵＬＬＷＩＤＴＨ ｔｅｘｔ １２３"):
+    html_and_fullwidth = ("&amp; &lt;tag&gt; &quot;quoted&quot; &#39;apos&#39; &nbsp;", "ＦＵＬＬＷＩＤＴＨ ｔｅｘｔ １２３")
+    for prompt in html_and_fullwidth:
         assert prompt in cleaned_differently
         assert tokenizer_by_pad[SD15_PAD](prompt)[0].tolist() != reference.row(prompt, SD15_PAD)
     assert len(cleaned_differently) < len(PROMPTS) // 10
+
+
+def test_special_token_text_in_other_casing_is_plain_text(tokenizer_by_pad, reference_files):
+    """Only the exact "<|endoftext|>" is the special token (as in transformers); OpenAI matched it after lowercasing."""
+    prompts = ["a <|EndOfText|> b", "a <|endoftext|> b"]
+    ours = tokenizer_by_pad[SD15_PAD](prompts)
+    assert np.array_equal(ours, transformers_ids(reference_files, prompts, SD15_PAD))
+    assert ours[1, :5].tolist() == [49406, 320, 49407, 321, 49407]
+    assert ours[0, 2] != 49407 and PythonBPE(canonical_clean).row(prompts[0], SD15_PAD)[2] == 49407
 
 
 def test_sd2_pad_token_quirk_of_transformers(tokenizer_by_pad, reference_files):
@@ -390,7 +402,14 @@ def test_non_string_prompt_is_a_type_error(tokenizer_by_pad, bad, needle):
         tokenizer_by_pad[SD15_PAD](bad)
 
 
-@pytest.mark.parametrize("kwargs", [{"pad_token_id": -1}, {"pad_token_id": 49408}, {"max_length": 1}, {"pad_token_id": True}])
+def test_lone_surrogate_is_a_value_error_naming_the_prompt(tokenizer_by_pad):
+    with pytest.raises(ValueError, match=regex.escape("prompts[1] is not valid Unicode text")):
+        tokenizer_by_pad[SD15_PAD](["fine", "broken \ud800 text"])
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"pad_token_id": -1}, {"pad_token_id": 49408}, {"max_length": 1}, {"pad_token_id": True}]
+)
 def test_bad_settings_are_rejected(kwargs):
     with pytest.raises(ValueError, match="pad_token_id|max_length"):
         Tokenizer.default(**kwargs)
@@ -402,7 +421,8 @@ def test_bad_settings_are_rejected(kwargs):
 @pytest.mark.parametrize("pad", [SD15_PAD, SD2_PAD])
 def test_save_load_round_trip(tokenizer_by_pad, tmp_path, pad):
     tokenizer_by_pad[pad].save(tmp_path)
-    assert {p.name for p in tmp_path.iterdir()} == {"tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json"}
+    written = {p.name for p in tmp_path.iterdir()}
+    assert written == {"tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json"}
     loaded = Tokenizer.load(tmp_path)
     assert (loaded.max_length, loaded.bos_token_id, loaded.eos_token_id, loaded.pad_token_id) == (77, 49406, 49407, pad)
     assert np.array_equal(loaded(PROMPTS), tokenizer_by_pad[pad](PROMPTS))
@@ -423,7 +443,8 @@ def test_tokenizer_json_alone_frames_and_pads(tokenizer_by_pad, saved_sd15, tmp_
 
 
 def test_transformers_reads_the_saved_directory(tokenizer_by_pad, saved_sd15):
-    ids = transformers_clip(saved_sd15)(PROMPTS, padding="max_length", truncation=True, max_length=77, return_tensors="np")
+    reference = transformers_clip(saved_sd15)
+    ids = reference(PROMPTS, padding="max_length", truncation=True, max_length=77, return_tensors="np")
     assert np.array_equal(ids["input_ids"], tokenizer_by_pad[SD15_PAD](PROMPTS))
 
 
@@ -486,7 +507,8 @@ def test_imports_and_runs_with_torch_and_transformers_blocked():
         from rtsd.tokenizer import Tokenizer
 
         ids = Tokenizer.default()(["a photo of an astronaut riding a horse"])
-        assert ids.shape == (1, 77) and ids[0, :10].tolist() == [49406, 320, 1125, 539, 550, 18376, 6765, 320, 4558, 49407]
+        expected = [49406, 320, 1125, 539, 550, 18376, 6765, 320, 4558, 49407]
+        assert ids.shape == (1, 77) and ids[0, :10].tolist() == expected
         assert not any(m.split(".")[0] in ("torch", "transformers") for m in sys.modules)
         print("ok")
         """
