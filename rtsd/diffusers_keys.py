@@ -1,0 +1,202 @@
+"""Diffusers-folder key names -> LDM single-file key names, as pure functions of (key -> shape) tables.
+
+The inverse of diffusers' ``convert_ldm_unet_checkpoint`` / ``convert_ldm_vae_checkpoint`` / CLIP prefixing, so that a
+diffusers folder (``unet/``, ``vae/``, ``text_encoder/``) reads as the same LDM state dict a single-file checkpoint
+has. Nothing here loads a tensor: each LDM key gets a ``KeySource`` that names the diffusers tensor it comes from
+and the shape it has in the LDM layout, so ``Checkpoint.shapes`` works from file headers alone.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import NamedTuple
+
+from rtsd.errors import UnsupportedModelError
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_PREFIX = "cond_stage_model.transformer.text_model."
+
+Shape = tuple[int, ...]
+
+
+class KeySource(NamedTuple):
+    """Where one LDM tensor comes from: a diffusers tensor, viewed as ``shape`` (differs only for VAE attention)."""
+
+    key: str
+    shape: Shape
+
+
+def _same(key: str, shape: Shape) -> KeySource:
+    return KeySource(key, tuple(shape))
+
+
+# ----------------------------------------------------------------------------------------------------------- UNet
+
+_UNET_DIRECT = {
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "conv_in": "input_blocks.0.0",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+# diffusers ResnetBlock2D attribute -> LDM ResBlock attribute
+_UNET_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+_DOWN_RESNET = re.compile(r"down_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)\.(\w+)$")
+_DOWN_ATTN = re.compile(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)$")
+_DOWN_SAMPLE = re.compile(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(weight|bias)$")
+_MID_RESNET = re.compile(r"mid_block\.resnets\.([01])\.(\w+)\.(\w+)$")
+_MID_ATTN = re.compile(r"mid_block\.attentions\.0\.(.+)$")
+_UP_RESNET = re.compile(r"up_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)\.(\w+)$")
+_UP_ATTN = re.compile(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)$")
+_UP_SAMPLE = re.compile(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(weight|bias)$")
+
+
+def _count_indices(keys, pattern: str) -> int:
+    found = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
+    return max(found) + 1 if found else 0
+
+
+def _resnet(attr: str, param: str, key: str) -> str:
+    if attr not in _UNET_RESNET:
+        raise UnsupportedModelError(f"diffusers UNet: unexpected resnet tensor '{key}'")
+    return f"{_UNET_RESNET[attr]}.{param}"
+
+
+def unet_to_ldm(shapes: Mapping[str, Shape]) -> dict[str, KeySource]:
+    """Map a diffusers ``UNet2DConditionModel`` state dict (SD 1.x/2.x block structure) to ``model.diffusion_model.*``."""
+    # Blocks per level (LDM numbers input/output blocks flat, diffusers nests them per level).
+    layers = _count_indices(shapes, r"down_blocks\.0\.resnets\.(\d+)\.")
+    if layers == 0:
+        raise UnsupportedModelError("diffusers UNet: no down_blocks.0.resnets.* tensors; not an SD UNet")
+    step = layers + 1
+    up_levels_with_attention = {int(m.group(1)) for k in shapes if (m := _UP_ATTN.match(k))}
+
+    out: dict[str, KeySource] = {}
+    for key, shape in shapes.items():
+        param = key.rsplit(".", 1)[-1]
+        module = key[: -len(param) - 1]
+        if module in _UNET_DIRECT:
+            ldm = f"{_UNET_DIRECT[module]}.{param}"
+        elif m := _DOWN_RESNET.match(key):
+            level, index, attr, param = int(m[1]), int(m[2]), m[3], m[4]
+            ldm = f"input_blocks.{1 + level * step + index}.0.{_resnet(attr, param, key)}"
+        elif m := _DOWN_ATTN.match(key):
+            ldm = f"input_blocks.{1 + int(m[1]) * step + int(m[2])}.1.{m[3]}"
+        elif m := _DOWN_SAMPLE.match(key):
+            ldm = f"input_blocks.{1 + int(m[1]) * step + layers}.0.op.{m[2]}"
+        elif m := _MID_RESNET.match(key):
+            ldm = f"middle_block.{2 * int(m[1])}.{_resnet(m[2], m[3], key)}"
+        elif m := _MID_ATTN.match(key):
+            ldm = f"middle_block.1.{m[1]}"
+        elif m := _UP_RESNET.match(key):
+            level, index, attr, param = int(m[1]), int(m[2]), m[3], m[4]
+            ldm = f"output_blocks.{level * step + index}.0.{_resnet(attr, param, key)}"
+        elif m := _UP_ATTN.match(key):
+            ldm = f"output_blocks.{int(m[1]) * step + int(m[2])}.1.{m[3]}"
+        elif m := _UP_SAMPLE.match(key):
+            # LDM puts the upsampler after the resnet (.1) or after resnet + attention (.2).
+            slot = 2 if int(m[1]) in up_levels_with_attention else 1
+            ldm = f"output_blocks.{int(m[1]) * step + layers}.{slot}.conv.{m[2]}"
+        else:
+            raise UnsupportedModelError(
+                f"diffusers UNet: tensor '{key}' has no SD 1.x/2.x single-file equivalent "
+                "(class/addition embeddings, SDXL or other UNet variants are not supported)"
+            )
+        out[UNET_PREFIX + ldm] = _same(key, shape)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------ VAE
+
+_VAE_DIRECT = {
+    "encoder.conv_in": "encoder.conv_in",
+    "encoder.conv_out": "encoder.conv_out",
+    "encoder.conv_norm_out": "encoder.norm_out",
+    "decoder.conv_in": "decoder.conv_in",
+    "decoder.conv_out": "decoder.conv_out",
+    "decoder.conv_norm_out": "decoder.norm_out",
+    "quant_conv": "quant_conv",
+    "post_quant_conv": "post_quant_conv",
+}
+# diffusers Attention (current and pre-0.14 names) -> LDM AttnBlock (1x1 convs)
+_VAE_ATTN = {
+    "group_norm": "norm",
+    "to_q": "q",
+    "to_k": "k",
+    "to_v": "v",
+    "to_out.0": "proj_out",
+    "query": "q",
+    "key": "k",
+    "value": "v",
+    "proj_attn": "proj_out",
+}
+_ENC_RESNET = re.compile(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)$")
+_ENC_SAMPLE = re.compile(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(weight|bias)$")
+_DEC_RESNET = re.compile(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)$")
+_DEC_SAMPLE = re.compile(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(weight|bias)$")
+_VAE_MID_RESNET = re.compile(r"(encoder|decoder)\.mid_block\.resnets\.([01])\.(.+)$")
+_VAE_MID_ATTN = re.compile(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)$")
+
+
+def vae_to_ldm(shapes: Mapping[str, Shape]) -> dict[str, KeySource]:
+    """Map a diffusers ``AutoencoderKL`` state dict to ``first_stage_model.*`` (attention Linear -> 1x1 conv)."""
+    # diffusers numbers decoder levels from the bottleneck up, LDM from full resolution down.
+    levels = _count_indices(shapes, r"decoder\.up_blocks\.(\d+)\.")
+    out: dict[str, KeySource] = {}
+    for key, shape in shapes.items():
+        param = key.rsplit(".", 1)[-1]
+        module = key[: -len(param) - 1]
+        shape = tuple(shape)
+        if module in _VAE_DIRECT:
+            ldm = f"{_VAE_DIRECT[module]}.{param}"
+        elif m := _ENC_RESNET.match(key):
+            ldm = f"encoder.down.{m[1]}.block.{m[2]}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"
+        elif m := _ENC_SAMPLE.match(key):
+            ldm = f"encoder.down.{m[1]}.downsample.conv.{m[2]}"
+        elif m := _DEC_RESNET.match(key):
+            ldm = f"decoder.up.{levels - 1 - int(m[1])}.block.{m[2]}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"
+        elif m := _DEC_SAMPLE.match(key):
+            ldm = f"decoder.up.{levels - 1 - int(m[1])}.upsample.conv.{m[2]}"
+        elif m := _VAE_MID_RESNET.match(key):
+            ldm = f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"
+        elif (m := _VAE_MID_ATTN.match(key)) and m[2] in _VAE_ATTN:
+            ldm = f"{m[1]}.mid.attn_1.{_VAE_ATTN[m[2]]}.{m[3]}"
+            if m[3] == "weight" and m[2] != "group_norm" and len(shape) == 2:
+                shape = (*shape, 1, 1)
+        else:
+            raise UnsupportedModelError(f"diffusers VAE: tensor '{key}' has no SD single-file (AutoencoderKL) equivalent")
+        out[VAE_PREFIX + ldm] = KeySource(key, shape)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- text encoder
+
+_CLIP_IGNORED = {"embeddings.position_ids"}  # a buffer, not a weight; real checkpoints disagree on carrying it
+
+
+def clip_to_ldm(shapes: Mapping[str, Shape]) -> dict[str, KeySource]:
+    """Map a transformers ``CLIPTextModel`` state dict to ``cond_stage_model.transformer.text_model.*``.
+
+    Accepts both the classic ``text_model.*`` names and the flattened names transformers >= 5.6 writes.
+    """
+    out: dict[str, KeySource] = {}
+    for key, shape in shapes.items():
+        name = key.removeprefix("text_model.")
+        if name in _CLIP_IGNORED:
+            continue
+        if not name.startswith(("embeddings.", "encoder.layers.", "final_layer_norm.")):
+            raise UnsupportedModelError(
+                f"diffusers text encoder: tensor '{key}' is not part of a CLIPTextModel "
+                "(projection heads and other text encoders are not supported)"
+            )
+        out[CLIP_PREFIX + name] = _same(key, shape)
+    return out

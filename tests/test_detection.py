@@ -1,0 +1,327 @@
+"""Architecture detection from shapes, checked against diffusers/transformers models built on the meta device.
+
+The oracle runs both ways: diffusers' own LDM converters must map our LDM key/shape table back to the diffusers
+model's state dict exactly, and diffusers' ``create_*_diffusers_config_from_ldm`` must turn the detected config back
+into the config the diffusers model was built from. No full-size tensor is ever allocated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
+from diffusers.loaders import single_file_utils as sfu  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
+
+from rtsd import diffusers_keys  # noqa: E402
+from rtsd.config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig  # noqa: E402
+from rtsd.detection import detect_config  # noqa: E402
+from rtsd.errors import UnsupportedModelError  # noqa: E402
+
+SD15_UNET = dict(cross_attention_dim=768)  # UNet2DConditionModel's defaults are SD 1.x's
+SD15_VAE = dict(
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    latent_channels=4,
+    layers_per_block=2,
+)
+SD15_CLIP = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+
+TINY_UNET = dict(
+    block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    layers_per_block=1,
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    transformer_layers_per_block=2,
+    norm_num_groups=8,
+)
+TINY_VAE = dict(
+    block_out_channels=(16, 32),
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    latent_channels=4,
+    layers_per_block=1,
+    norm_num_groups=8,
+)
+TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=1)
+
+
+def meta_models(unet: dict, vae: dict, clip: dict):
+    with torch.device("meta"):
+        return UNet2DConditionModel(**unet), AutoencoderKL(**vae), CLIPTextModel(CLIPTextConfig(**clip))
+
+
+def ldm_meta_state(unet, vae, text) -> dict[str, torch.Tensor]:
+    """LDM single-file state dict (meta tensors) made from the diffusers models by rtsd's key mapping."""
+    out = {}
+    for to_ldm, model in (
+        (diffusers_keys.unet_to_ldm, unet),
+        (diffusers_keys.vae_to_ldm, vae),
+        (diffusers_keys.clip_to_ldm, text),
+    ):
+        state = model.state_dict()
+        for ldm_key, src in to_ldm({k: tuple(t.shape) for k, t in state.items()}).items():
+            out[ldm_key] = state[src.key].reshape(src.shape)
+    return out
+
+
+def shapes_of(state) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(t.shape) for k, t in state.items()}
+
+
+def assert_same_shapes(converted: dict, reference: dict) -> None:
+    assert sorted(converted) == sorted(reference)
+    assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in reference.items()}
+
+
+def ldm_original_config(config: ModelConfig) -> dict:
+    """The original-config YAML (v1-inference.yaml layout) that a detected config stands for."""
+    u, v = config.unet, config.vae
+    unet = dict(
+        in_channels=u.in_channels,
+        out_channels=u.out_channels,
+        model_channels=u.model_channels,
+        channel_mult=list(u.channel_mult),
+        num_res_blocks=u.num_res_blocks,
+        attention_resolutions=list(u.attention_resolutions),
+        transformer_depth=u.transformer_depth,
+        context_dim=u.context_dim,
+        use_linear_in_transformer=u.use_linear_in_transformer,
+    )
+    unet.update({"num_heads": u.num_heads} if u.num_heads > 0 else {"num_head_channels": u.num_head_channels})
+    ddconfig = dict(
+        in_channels=v.in_channels, out_ch=v.out_ch, ch=v.ch, ch_mult=list(v.ch_mult),
+        num_res_blocks=v.num_res_blocks, z_channels=v.z_channels,
+    )  # fmt: skip
+    return {
+        "model": {
+            "params": {
+                "scale_factor": v.scaling_factor,
+                "unet_config": {"params": unet},
+                "first_stage_config": {"params": {"ddconfig": ddconfig, "embed_dim": v.embed_dim}},
+            }
+        }
+    }
+
+
+def assert_diffusers_agrees(config: ModelConfig, state: dict, unet, vae) -> None:
+    """diffusers turns the detected config back into the configs the diffusers models were built from."""
+    original = ldm_original_config(config)
+    unet_config = sfu.create_unet_diffusers_config_from_ldm(original, state)
+    for name, value in unet_config.items():
+        if name in ("sample_size", "class_embed_type", "addition_embed_type", "addition_time_embed_dim",
+                    "projection_class_embeddings_input_dim"):  # fmt: skip
+            continue
+        expected = unet.config[name]
+        if name == "transformer_layers_per_block" and isinstance(expected, (list, tuple)):
+            expected = expected[0]
+        assert _plain(value) == _plain(expected), name
+    vae_config = sfu.create_vae_diffusers_config_from_ldm(original, state)
+    for name, value in vae_config.items():
+        if name != "sample_size":
+            assert _plain(value) == _plain(vae.config[name]), name
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+# ------------------------------------------------------------------------------------------------------ SD 1.5 size
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    unet, vae, text = meta_models(SD15_UNET, SD15_VAE, SD15_CLIP)
+    return unet, vae, text, ldm_meta_state(unet, vae, text)
+
+
+def test_sd15_key_counts_match_the_real_checkpoint(sd15):
+    _, _, _, state = sd15
+    unet = {k: t for k, t in state.items() if k.startswith("model.diffusion_model.")}
+    vae = [k for k in state if k.startswith("first_stage_model.")]
+    text = [k for k in state if k.startswith("cond_stage_model.transformer.text_model.")]
+    assert len(unet) == 686
+    assert sum(t.numel() for t in unet.values()) == 859_520_964
+    assert len(vae) == 248
+    assert len(text) == 196
+    assert len(state) == 686 + 248 + 196
+    # diffusers' converter accepts an upsampler at either slot, so pin LDM's: after the attention when there is one.
+    for key in ("output_blocks.2.1.conv.weight", "output_blocks.5.2.conv.weight", "output_blocks.8.2.conv.weight",
+                "input_blocks.3.0.op.weight", "output_blocks.11.0.skip_connection.weight", "middle_block.1.proj_in.weight"):  # fmt: skip
+        assert "model.diffusion_model." + key in state
+    assert state["first_stage_model.decoder.mid.attn_1.q.weight"].shape == (512, 512, 1, 1)
+    assert state["first_stage_model.decoder.up.3.block.0.conv1.weight"].shape == (512, 512, 3, 3)
+    assert state["first_stage_model.decoder.up.0.block.0.nin_shortcut.weight"].shape == (128, 256, 1, 1)
+
+
+def test_sd15_table_round_trips_through_diffusers_converters(sd15):
+    unet, vae, text, state = sd15
+    assert_same_shapes(sfu.convert_ldm_unet_checkpoint(state, dict(unet.config)), unet.state_dict())
+    assert_same_shapes(sfu.convert_ldm_vae_checkpoint(state, dict(vae.config)), vae.state_dict())
+    clip = {k.removeprefix("text_model."): v for k, v in sfu.convert_ldm_clip_checkpoint(state).items()}
+    assert_same_shapes(clip, text.state_dict())
+    assert sfu.infer_diffusers_model_type(state) == "v1"
+
+
+def test_sd15_detects_as_the_sd15_config(sd15):
+    unet, vae, _, state = sd15
+    config = detect_config(shapes_of(state))
+    # The config defaults are SD 1.5 (v1-inference.yaml, CLIP ViT-L/14).
+    assert config == ModelConfig(family="sd1")
+    assert not config.is_inpainting and config.latent_channels == 4
+    assert config.unet.heads_at(320) == (8, 40)
+    assert_diffusers_agrees(config, state, unet, vae)
+
+
+def test_sd15_inpainting_detects_nine_input_channels():
+    unet, vae, text = meta_models(dict(SD15_UNET, in_channels=9), SD15_VAE, SD15_CLIP)
+    state = ldm_meta_state(unet, vae, text)
+    config = detect_config(shapes_of(state))
+    assert config.is_inpainting and config.unet.in_channels == 9 and config.unet.out_channels == 4
+    assert sfu.infer_diffusers_model_type(state) == "inpainting"
+    assert_diffusers_agrees(config, state, unet, vae)
+
+
+# ------------------------------------------------------------------------------------------------------ tiny layouts
+
+TINY_LAYOUTS = {
+    "tiny": (TINY_UNET, TINY_VAE, TINY_CLIP),
+    "attention-on-lower-levels": (
+        dict(
+            TINY_UNET,
+            block_out_channels=(32, 64, 96),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            layers_per_block=2,
+            transformer_layers_per_block=1,
+        ),
+        dict(TINY_VAE, block_out_channels=(16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
+             up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=2),  # fmt: skip
+        TINY_CLIP,
+    ),
+    "inpainting-linear-proj": (
+        dict(TINY_UNET, in_channels=9, use_linear_projection=True, cross_attention_dim=64),
+        TINY_VAE,
+        dict(TINY_CLIP, hidden_size=64, num_attention_heads=1, max_position_embeddings=40, vocab_size=1000),
+    ),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(TINY_LAYOUTS))
+def test_tiny_layouts_round_trip_and_detect(layout):
+    unet_kwargs, vae_kwargs, clip_kwargs = TINY_LAYOUTS[layout]
+    unet, vae, text = meta_models(unet_kwargs, vae_kwargs, clip_kwargs)
+    state = ldm_meta_state(unet, vae, text)
+    assert_same_shapes(sfu.convert_ldm_unet_checkpoint(state, dict(unet.config)), unet.state_dict())
+    assert_same_shapes(sfu.convert_ldm_vae_checkpoint(state, dict(vae.config)), vae.state_dict())
+
+    config = detect_config(shapes_of(state))
+    assert config.family == "sd1"
+    assert_diffusers_agrees(config, state, unet, vae)
+    u = unet.config
+    assert config.unet.use_linear_in_transformer == u.use_linear_projection
+    assert config.unet.num_heads == 8 and config.unet.num_head_channels == -1
+    assert config.vae == VAEConfig(
+        ch=vae.config.block_out_channels[0],
+        ch_mult=tuple(c // vae.config.block_out_channels[0] for c in vae.config.block_out_channels),
+        num_res_blocks=vae.config.layers_per_block,
+        z_channels=vae.config.latent_channels,
+        embed_dim=vae.config.latent_channels,
+    )
+    c = text.config
+    assert config.text_encoder == TextEncoderConfig(
+        kind="clip",
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        num_layers=c.num_hidden_layers,
+        num_heads=max(1, c.hidden_size // 64),
+        intermediate_size=c.intermediate_size,
+        max_position_embeddings=c.max_position_embeddings,
+    )
+
+
+def test_tiny_transformer_depth_and_attention_levels():
+    unet, vae, text = meta_models(*TINY_LAYOUTS["attention-on-lower-levels"])
+    config = detect_config(shapes_of(ldm_meta_state(unet, vae, text)))
+    assert config.unet == UNetConfig(
+        model_channels=32, channel_mult=(1, 2, 3), num_res_blocks=2, attention_resolutions=(4, 2),
+        transformer_depth=1, context_dim=32,
+    )  # fmt: skip
+    unet, vae, text = meta_models(*TINY_LAYOUTS["tiny"])
+    assert detect_config(shapes_of(ldm_meta_state(unet, vae, text))).unet.transformer_depth == 2
+
+
+# ------------------------------------------------------------------------------------------------------- rejections
+
+
+@pytest.fixture(scope="module")
+def tiny_shapes():
+    return shapes_of(ldm_meta_state(*meta_models(TINY_UNET, TINY_VAE, TINY_CLIP)))
+
+
+def test_sdxl_keys_are_named(tiny_shapes):
+    shapes = {k: v for k, v in tiny_shapes.items() if not k.startswith("cond_stage_model.")}
+    shapes["conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight"] = (49408, 768)
+    shapes["conditioner.embedders.1.model.token_embedding.weight"] = (49408, 1280)
+    with pytest.raises(UnsupportedModelError, match=r"SDXL checkpoint \(conditioner\.embedders\.\* keys\).*SD 1\.x"):
+        detect_config(shapes)
+
+
+def test_adm_unet_is_named(tiny_shapes):
+    with pytest.raises(UnsupportedModelError, match="label_emb"):
+        detect_config({**tiny_shapes, "model.diffusion_model.label_emb.0.0.weight": (1280, 2816)})
+
+
+@pytest.mark.parametrize(
+    "shapes, message",
+    [
+        ({}, "no model tensors"),
+        ({"foo.bar": (3,)}, "incomplete checkpoint: no unet, vae, text_encoder"),
+        ({"model.diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale": (128,)}, "unknown diffusion model"),
+    ],
+)
+def test_garbage_raises(shapes, message):
+    with pytest.raises(UnsupportedModelError, match=message):
+        detect_config(shapes)
+
+
+def test_unet_only_file_names_what_is_missing(tiny_shapes):
+    unet_only = {k: v for k, v in tiny_shapes.items() if k.startswith("model.diffusion_model.")}
+    with pytest.raises(UnsupportedModelError, match="no vae, text_encoder tensors"):
+        detect_config(unet_only)
+
+
+def test_missing_tensor_is_named(tiny_shapes):
+    shapes = dict(tiny_shapes)
+    del shapes["model.diffusion_model.out.2.weight"]
+    with pytest.raises(UnsupportedModelError, match=r"'out\.2\.weight' is missing"):
+        detect_config(shapes)
+
+
+def test_context_dim_must_match_text_encoder():
+    unet, vae, text = meta_models(dict(TINY_UNET, cross_attention_dim=48), TINY_VAE, TINY_CLIP)
+    with pytest.raises(UnsupportedModelError, match="context_dim 48 differs from the text encoder width 32"):
+        detect_config(shapes_of(ldm_meta_state(unet, vae, text)))
+
+
+def test_eight_channel_unet_is_refused():
+    unet, vae, text = meta_models(dict(TINY_UNET, in_channels=8), TINY_VAE, TINY_CLIP)
+    with pytest.raises(UnsupportedModelError, match="8 input"):
+        detect_config(shapes_of(ldm_meta_state(unet, vae, text)))
+
+
+def test_detection_is_pure_and_typed(tiny_shapes):
+    before = dict(tiny_shapes)
+    config = detect_config(tiny_shapes)
+    assert tiny_shapes == before
+    assert dataclasses.is_dataclass(config) and config == detect_config(dict(reversed(list(tiny_shapes.items()))))
+    assert ModelConfig.from_dict(config.to_dict()) == config
