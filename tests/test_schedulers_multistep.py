@@ -233,7 +233,7 @@ def test_sde_requires_noise_of_the_sample_shape():
     [
         ("dpmpp_2m", {"solver_order": 3}, "solver_order=3; allowed values are 2, 1"),
         ("dpmpp_2m", {"solver_type": "bogus"}, "solver_type='bogus'; allowed values are 'midpoint', 'heun'"),
-        ("dpmpp_2m_sde", {"final_sigmas_type": "max"}, "final_sigmas_type='max'; allowed values are 'zero', 'sigma_min'"),
+        ("dpmpp_2m_sde", {"final_sigmas_type": "max"}, "'max'; allowed values are 'zero', 'sigma_min'"),
         ("dpmpp_2m", {"use_karras_sigmas": "yes"}, "use_karras_sigmas='yes'; allowed values are True, False"),
         ("unipc", {"solver_order": 4}, "solver_order=4; allowed values are 2, 1, 3"),
         ("unipc", {"solver_type": "bh3"}, "solver_type='bh3'; allowed values are 'bh2', 'bh1'"),

@@ -72,7 +72,8 @@ class DPMPP2M(MultistepScheduler):
 
     def _uses_first_order(self, i: int) -> bool:
         n = len(self.timesteps)
-        # A final step onto sigma 0 has an infinite log-SNR step: only the first-order update is defined there.
+        # The last step falls back to first order when asked (few steps), and always onto sigma 0: the log-SNR step
+        # there is infinite and only the first-order update has a limit.
         final_first_order = i == n - 1 and (
             self.euler_at_final or (self.lower_order_final and n < 15) or self.final_sigmas_type == "zero"
         )

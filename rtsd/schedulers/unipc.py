@@ -57,7 +57,9 @@ class UniPC(MultistepScheduler):
         check_choice(self.name, "lower_order_final", lower_order_final, (True, False))
         check_choice(self.name, "use_karras_sigmas", use_karras_sigmas, (True, False))
         if not all(isinstance(j, (int, np.integer)) and not isinstance(j, bool) for j in disable_corrector):
-            raise SchedulerError(f"{self.name}: disable_corrector must be a list of step indices, got {disable_corrector!r}")
+            raise SchedulerError(
+                f"{self.name}: disable_corrector must be a list of step indices, got {disable_corrector!r}"
+            )
         if final_sigmas_type == "zero" and solver_order > 1 and not lower_order_final:
             # A higher-order step onto sigma 0 divides by an infinite log-SNR step (diffusers returns inf).
             raise SchedulerError(
@@ -84,7 +86,7 @@ class UniPC(MultistepScheduler):
     def _step(self, model_output, i: int, x, noise):
         x0 = self.predicted_x0(model_output, x, i)
         if i > 0 and (i - 1) not in self.disable_corrector and self._last_sample is not None:
-            x = self._correct(x0, i, x)
+            x = self._correct(x0, i)
         self._x0_history = (self._x0_history + [x0])[-self.solver_order :]
         order = min(self.solver_order, len(self.timesteps) - i) if self.lower_order_final else self.solver_order
         order = min(order, len(self._x0_history))  # warm-up: no more history than steps taken
@@ -136,8 +138,8 @@ class UniPC(MultistepScheduler):
         rhos = [0.5] if order == 2 else [float(v) for v in np.linalg.solve(r[:-1, :-1], b[:-1])]
         return x_next - (t.alpha * b_h) * _weighted_sum(rhos, d1s)
 
-    def _correct(self, x0, i: int, x):
-        """UniC: re-solve the previous step (sigmas[i-1] -> sigmas[i]) using the new x0 prediction ``x0`` too."""
+    def _correct(self, x0, i: int):
+        """UniC: the sample at index i re-solved from the previous one (sigmas[i-1] -> sigmas[i]) using ``x0`` too."""
         order = self._last_order
         t, s0 = self.coefficients(i), self.coefficients(i - 1)
         h = t.lam - s0.lam
