@@ -35,7 +35,11 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # Keys kept from a single-file checkpoint. ``conditioner.`` (SDXL's text encoders) is kept only so that detection can
 # name the architecture; EMA copies (``model_ema.*``) and the DDPM schedule buffers at top level fall outside these.
 MODEL_PREFIXES = (*COMPONENT_PREFIXES.values(), "conditioner.")
-IGNORED_KEYS = frozenset({"cond_stage_model.transformer.text_model.embeddings.position_ids"})
+# Not weights of the networks rtsd runs: CLIP's position_ids buffer, OpenCLIP's contrastive-loss temperature.
+IGNORED_KEYS = frozenset({
+    "cond_stage_model.transformer.text_model.embeddings.position_ids",
+    "cond_stage_model.model.logit_scale",
+})  # fmt: skip
 
 _SAFETENSORS_DTYPES = {  # safetensors dtype tag -> (name, bytes per element)
     "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),

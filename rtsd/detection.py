@@ -134,8 +134,28 @@ def _detect_clip(s: Mapping[str, Shape]) -> TextEncoderConfig:
 
 
 def _detect_open_clip(s: Mapping[str, Shape]) -> TextEncoderConfig:
-    raise UnsupportedModelError(
-        f"SD 2.x checkpoint (OpenCLIP text encoder, {OPEN_CLIP_PREFIX}* keys): not supported yet; rtsd supports SD 1.x"
+    """OpenCLIP text tower (SD 2.x): conditioned on the penultimate layer, padded with token 0."""
+    what = "OpenCLIP text encoder"
+    vocab, hidden = _need(s, "token_embedding.weight", what)
+    positions, _ = _need(s, "positional_embedding", what)
+    layers = _indices(s, r"transformer\.resblocks\.(\d+)\.")
+    if len(layers) < 2 or layers != list(range(len(layers))):
+        raise UnsupportedModelError(f"{what}: resblocks {layers[:5]}... are not numbered 0..N-1 (N >= 2)")
+    if _need(s, "transformer.resblocks.0.attn.in_proj_weight", what) != (3 * hidden, hidden):
+        raise UnsupportedModelError(f"{what}: attn.in_proj_weight is not ({3 * hidden}, {hidden})")
+    intermediate = _need(s, "transformer.resblocks.0.mlp.c_fc.weight", what)[0]
+    _need(s, "ln_final.weight", what)
+    return TextEncoderConfig(
+        kind="open_clip",
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_layers=len(layers),
+        num_heads=_heads(hidden),
+        intermediate_size=intermediate,
+        max_position_embeddings=positions,
+        hidden_act="gelu",
+        output_layer=-2,
+        pad_token_id=0,
     )
 
 

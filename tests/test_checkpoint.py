@@ -154,6 +154,7 @@ def _extras() -> dict:
     extras["model_ema.num_updates"] = torch.tensor(10, dtype=torch.int32)
     extras["model_ema.diffusion_modelinput_blocks00weight"] = torch.rand(32, 4, 3, 3)
     extras[POSITION_IDS] = torch.arange(77)[None]
+    extras["cond_stage_model.model.logit_scale"] = torch.tensor(4.6052)  # SD 2.x files carry OpenCLIP's
     return extras
 
 
@@ -431,3 +432,12 @@ def test_prediction_type_of_a_diffusers_folder(models, tmp_path):
     assert info["prediction_type"] == "v_prediction" and info["config"]["scheduler"]["prediction_type"] == "v_prediction"
     shutil.rmtree(folder / "scheduler")
     assert read_prediction_type(folder) is None
+
+
+def test_sdxl_single_file_is_named_not_mistaken_for_incomplete(reference, tmp_path):
+    state = {k: v for k, v in reference.items() if not k.startswith("cond_stage_model.")}
+    state["conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight"] = torch.zeros(8, 4)
+    path = tmp_path / "sdxl.safetensors"
+    save_file(state, path)
+    with pytest.raises(UnsupportedModelError, match=r"SDXL checkpoint \(conditioner\.embedders\.\* keys\)"):
+        summarize(open_checkpoint(path))

@@ -325,3 +325,108 @@ def test_detection_is_pure_and_typed(tiny_shapes):
     assert tiny_shapes == before
     assert dataclasses.is_dataclass(config) and config == detect_config(dict(reversed(list(tiny_shapes.items()))))
     assert ModelConfig.from_dict(config.to_dict()) == config
+
+
+# ------------------------------------------------------------------------------------------------------------- SD 2.x
+
+SD21_UNET = dict(cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
+SD21_TEXT = dict(width=1024, layers=24, mlp=4096)
+OPEN_CLIP = "cond_stage_model.model."
+
+
+def open_clip_shapes(width: int, layers: int, mlp: int, vocab: int = 49408, context: int = 77) -> dict:
+    """The OpenCLIP text tower's state dict layout (open_clip TextTransformer), as SD 2.x checkpoints store it."""
+    shapes = {
+        "token_embedding.weight": (vocab, width),
+        "positional_embedding": (context, width),
+        "ln_final.weight": (width,),
+        "ln_final.bias": (width,),
+        "text_projection": (width, width),
+        "logit_scale": (),
+    }
+    for i in range(layers):
+        block = f"transformer.resblocks.{i}."
+        shapes.update({
+            block + "ln_1.weight": (width,), block + "ln_1.bias": (width,),
+            block + "attn.in_proj_weight": (3 * width, width), block + "attn.in_proj_bias": (3 * width,),
+            block + "attn.out_proj.weight": (width, width), block + "attn.out_proj.bias": (width,),
+            block + "ln_2.weight": (width,), block + "ln_2.bias": (width,),
+            block + "mlp.c_fc.weight": (mlp, width), block + "mlp.c_fc.bias": (mlp,),
+            block + "mlp.c_proj.weight": (width, mlp), block + "mlp.c_proj.bias": (width,),
+        })  # fmt: skip
+    return {OPEN_CLIP + k: v for k, v in shapes.items()}
+
+
+def sd2_meta_state(unet_kwargs: dict, vae_kwargs: dict, width: int, layers: int, mlp: int):
+    unet, vae, _ = meta_models(unet_kwargs, vae_kwargs, TINY_CLIP)
+    state = {k: v for k, v in ldm_meta_state(unet, vae, _).items() if not k.startswith("cond_stage_model.")}
+    with torch.device("meta"):
+        state.update({k: torch.empty(shape) for k, shape in open_clip_shapes(width, layers, mlp).items()})
+    return unet, vae, state
+
+
+def test_open_clip_table_matches_diffusers_sd2_text_encoder():
+    """diffusers' OpenCLIP converter maps our table onto transformers' CLIPTextModel (it drops layer 23, as SD 2.x
+    conditions on the penultimate layer)."""
+    _, _, state = sd2_meta_state(TINY_UNET, TINY_VAE, **SD21_TEXT)
+    config = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                  hidden_act="gelu")  # fmt: skip
+    with torch.device("meta"):
+        text = CLIPTextModel(CLIPTextConfig(**config))
+    converted = sfu.convert_open_clip_checkpoint(text, state)
+    converted = {k.removeprefix("text_model."): v for k, v in converted.items() if k != "text_projection.weight"}
+    assert_same_shapes(converted, text.state_dict())
+
+
+@pytest.fixture(scope="module")
+def sd21():
+    return sd2_meta_state(SD21_UNET, SD15_VAE, **SD21_TEXT)
+
+
+def test_sd21_detects_as_sd2(sd21):
+    unet, vae, state = sd21
+    assert_same_shapes(sfu.convert_ldm_unet_checkpoint(state, dict(unet.config)), unet.state_dict())
+    assert sfu.infer_diffusers_model_type(state) == "v2"
+    config = detect_config(shapes_of(state))
+    assert config == ModelConfig(
+        family="sd2",
+        unet=UNetConfig(num_heads=-1, num_head_channels=64, context_dim=1024, use_linear_in_transformer=True),
+        text_encoder=TextEncoderConfig(
+            kind="open_clip", hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096,
+            hidden_act="gelu", output_layer=-2, pad_token_id=0,
+        ),
+    )  # fmt: skip
+    assert config.unet.heads_at(320) == (5, 64) and config.unet.heads_at(1280) == (20, 64)
+    # diffusers derives attention_head_dim (5, 10, 20, 20) from num_head_channels=64, as in SD 2.1's unet/config.json.
+    assert_diffusers_agrees(config, state, unet, vae)
+    assert config.prediction_type == "epsilon"  # weights cannot tell 768-v from 512-base: read_prediction_type can
+
+
+def test_sd2_inpainting_detects():
+    unet, vae, state = sd2_meta_state(dict(SD21_UNET, in_channels=9), SD15_VAE, **SD21_TEXT)
+    config = detect_config(shapes_of(state))
+    assert config.family == "sd2" and config.is_inpainting
+    assert sfu.infer_diffusers_model_type(state) == "inpainting_v2"
+
+
+def test_tiny_sd2_layout():
+    unet_kwargs = dict(TINY_UNET, block_out_channels=(64, 128), cross_attention_dim=64, use_linear_projection=True,
+                       attention_head_dim=(1, 2), transformer_layers_per_block=1)  # fmt: skip
+    unet, vae, state = sd2_meta_state(unet_kwargs, TINY_VAE, width=64, layers=2, mlp=128)
+    with torch.device("meta"):
+        text = CLIPTextModel(CLIPTextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                            num_attention_heads=1, hidden_act="gelu"))  # fmt: skip
+    converted = sfu.convert_open_clip_checkpoint(text, state)
+    converted = {k.removeprefix("text_model."): v for k, v in converted.items() if k != "text_projection.weight"}
+    assert_same_shapes(converted, text.state_dict())
+    config = detect_config(shapes_of(state))
+    assert config.family == "sd2" and config.unet.model_channels == 64 and config.unet.channel_mult == (1, 2)
+    assert config.text_encoder.num_layers == 2 and config.text_encoder.num_heads == 1
+    assert_diffusers_agrees(config, state, unet, vae)
+
+
+def test_sd2_attention_width_must_fit_64_wide_heads():
+    unet_kwargs = dict(TINY_UNET, cross_attention_dim=64, use_linear_projection=True)  # 32-wide level 0
+    _, _, state = sd2_meta_state(unet_kwargs, TINY_VAE, width=64, layers=2, mlp=128)
+    with pytest.raises(UnsupportedModelError, match="32 is not a multiple of 64"):
+        detect_config(shapes_of(state))
