@@ -1,0 +1,561 @@
+"""Everything the TensorRT backend depends on that runs without TensorRT or a GPU.
+
+Profiles derived from the specs, plan staleness, the fp32 layer policy, the ONNX graphs' operators against
+TensorRT 10's parser support list, the missing-dependency errors, the grow-only buffers and CUDA-graph cache
+policies, and the device-side arithmetic: the schedulers' step and the CFG combine run on an operator-only array
+type (what CuPy offers) and equal the NumPy run bit for bit.
+"""
+
+from __future__ import annotations
+
+import numbers
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from rtsd.config import ModelConfig
+from rtsd.engine.cuda import GraphCache, GrowOnlyBuffers, data_pointer
+from rtsd.engine.staleness import HostInfo, stale_message, stale_reasons
+from rtsd.engine.tensorrt import check_profile, covering_flags, profile_ranges, request_size
+from rtsd.errors import MissingDependencyError
+from rtsd.export import trt_support
+from rtsd.export.specs import COMPONENTS, ShapeRange, specs_for
+from rtsd.export.tensorrt import LayerInfo, build_options, engine_profile, fp32_layer_names
+
+SD15 = ModelConfig("sd1")
+SPECS = specs_for(SD15)
+
+
+# ---------------------------------------------------------------- profiles from the specs
+
+@pytest.mark.parametrize("min_size,opt_size,max_size,max_batch", [
+    (256, 512, 1024, 4), (512, 512, 512, 1), (256, 768, 1536, 2), (64, 64, 128, 8)])
+def test_engine_profiles_follow_the_specs(min_size, opt_size, max_size, max_batch):
+    r = ShapeRange(min_size=min_size, max_size=max_size, opt_size=opt_size, max_batch=max_batch)
+    lat = {"min": min_size // 8, "opt": opt_size // 8, "max": max_size // 8}
+    px = {"min": min_size, "opt": opt_size, "max": max_size}
+    rows = {"min": 1, "opt": 1, "max": max_batch}
+    for corner in ("min", "opt", "max"):
+        cfg_rows = 1 if corner == "min" else 2 * rows[corner]  # CFG doubles the text-encoder and UNet batch
+        expected = {
+            "text_encoder": {"input_ids": [cfg_rows, 77]},
+            "unet": {"sample": [cfg_rows, 4, lat[corner], lat[corner]], "timestep": [cfg_rows],
+                     "encoder_hidden_states": [cfg_rows, 77, 768]},
+            "vae_decoder": {"latent": [rows[corner], 4, lat[corner], lat[corner]]},
+            "vae_encoder": {"images": [rows[corner], 3, px[corner], px[corner]]},
+        }
+        for component in COMPONENTS:
+            profile = engine_profile(SPECS[component], r)
+            for name, shape in expected[component].items():
+                assert profile[name][corner] == shape, (component, name, corner)
+
+
+@pytest.mark.parametrize("range_", [ShapeRange(min_size=256, max_size=1024, opt_size=768, max_batch=4, opt_batch=2),
+                                    ShapeRange.fixed(batch=2, height=512, width=512)])
+def test_static_profiles_are_the_opt_shape(range_):
+    for component in COMPONENTS:
+        for name, corners in engine_profile(SPECS[component], range_, static=True).items():
+            assert corners["min"] == corners["opt"] == corners["max"], (component, name)
+    unet = engine_profile(SPECS["unet"], range_, static=True)["sample"]["opt"]
+    assert unet == [2 * range_.opt_batch, 4, range_.opt_size // 8, range_.opt_size // 8]
+
+
+def _profile(component, range_, static=False):
+    return {n: {k: tuple(v) for k, v in c.items()} for n, c in engine_profile(SPECS[component], range_, static).items()}
+
+
+@pytest.mark.parametrize("rows,size", [(1, 256), (2, 512), (8, 1024), (5, 640)])
+def test_requests_inside_the_profile_pass(rows, size):
+    r = ShapeRange(min_size=256, max_size=1024, max_batch=4)
+    for component in COMPONENTS:
+        spec = SPECS[component]
+        shapes = {t.name: spec.shapes(min(rows, 4 * spec.batch_factor), size, size)[t.name] for t in spec.inputs}
+        check_profile(spec, shapes, _profile(component, r))
+
+
+def test_request_size_and_ranges_are_in_user_terms():
+    spec, r = SPECS["unet"], ShapeRange(min_size=256, max_size=1024, max_batch=4)
+    assert request_size(spec, {t.name: spec.shapes(6, 512, 768)[t.name] for t in spec.inputs}) == (6, 512, 768)
+    assert profile_ranges(spec, _profile("unet", r)) == {"rows": (1, 8), "height": (256, 1024), "width": (256, 1024)}
+    assert profile_ranges(SPECS["text_encoder"], _profile("text_encoder", r)) == {"rows": (1, 8)}
+
+
+@pytest.mark.parametrize("component,rows,height,width,static,flags", [
+    ("unet", 2, 1152, 1152, False, ["--max-size 1152"]),
+    ("unet", 10, 512, 512, False, ["--max-batch 5"]),
+    ("unet", 2, 192, 1100, False, ["--max-size 1152", "--min-size 192"]),
+    ("vae_decoder", 5, 512, 512, False, ["--max-batch 5"]),
+    ("unet", 1, 512, 512, True, ["without --static"]),
+    ("text_encoder", 12, None, None, False, ["--max-batch 6"]),
+])
+def test_requests_outside_the_profile_fail_naming_the_range_and_the_flags(component, rows, height, width, static,
+                                                                           flags):
+    r = ShapeRange(min_size=256, max_size=1024, opt_size=512, max_batch=4, opt_batch=1)
+    spec, profile = SPECS[component], _profile(component, r, static)
+    shapes = {t.name: spec.shapes(rows, height or 512, width or 512)[t.name] for t in spec.inputs}
+    assert covering_flags(spec, rows, height, width, profile_ranges(spec, profile), static) == flags
+    with pytest.raises(ValueError) as info:
+        check_profile(spec, shapes, profile, static=static)
+    message = str(info.value)
+    assert message.startswith(f"{component}: {rows} row") and "rtsd export" in message
+    for flag in flags:
+        assert flag.replace("without ", "") in message
+    if static:
+        assert "static engine" in message and "2..2 rows" in message and "512..512 px" in message
+    elif component != "text_encoder":
+        assert "256..1024 px" in message
+    assert "\n" not in message
+
+
+# ---------------------------------------------------------------- staleness
+
+HOST = HostInfo("10.8.0.43", "NVIDIA H100 80GB HBM3", "9.0")
+GOOD = {"file": "unet.plan", "sha256": "p" * 64, "precision": "fp16", "tensorrt_version": "10.8.0.43",
+        "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "onnx_sha256": "a" * 64,
+        "profile": {"sample": {"min": [1, 4, 32, 32], "opt": [2, 4, 64, 64], "max": [8, 4, 128, 128]}}}
+
+
+def _reasons(record, **kw):
+    return stale_reasons(record, kw.pop("onnx", "a" * 64), HOST.tensorrt_version, HOST.gpu_name,
+                         HOST.compute_capability, **kw)
+
+
+def test_a_matching_plan_is_fresh():
+    assert _reasons(GOOD) == []
+    assert _reasons(GOOD, precision="fp16", profile={"sample": {"min": (1, 4, 32, 32), "opt": (2, 4, 64, 64),
+                                                                 "max": (8, 4, 128, 128)}}) == []
+
+
+@pytest.mark.parametrize("change,kw,needle", [
+    ({"tensorrt_version": "10.3.0.26"}, {}, "built with TensorRT 10.3.0.26, this machine has TensorRT 10.8.0.43"),
+    ({"compute_capability": "8.0", "gpu": "NVIDIA A100-SXM4-80GB"}, {}, "compute capability sm_80, this GPU is sm_90"),
+    ({"gpu": "NVIDIA H800"}, {}, "built on NVIDIA H800, this GPU is NVIDIA H100 80GB HBM3"),
+    ({"onnx_sha256": "b" * 64}, {}, "different ONNX export"),
+    ({}, {"plan_present": False}, "unet.plan is missing"),
+    ({}, {"precision": "fp32"}, "built in fp16, fp32 was requested"),
+    ({}, {"profile": {"sample": {"min": [1, 4, 32, 32], "opt": [2, 4, 64, 64], "max": [8, 4, 144, 144]}}},
+     "optimization profile changed"),
+])
+def test_each_mismatch_is_one_reason(change, kw, needle):
+    reasons = _reasons({**GOOD, **change}, **kw)
+    assert len(reasons) == 1 and needle in reasons[0], reasons
+
+
+def test_no_record_and_unknown_onnx_hash():
+    assert _reasons(None) == ["no TensorRT engine has been built"]
+    assert _reasons(GOOD, onnx=None) == []  # the caller does not know the ONNX hash: not judged
+
+
+def test_foreign_plan_message_names_both_machines_and_the_fix():
+    record = {**GOOD, "tensorrt_version": "10.3", "gpu": "NVIDIA A100", "compute_capability": "8.0"}
+    host = HostInfo("10.8", "H100", "9.0")
+    reasons = stale_reasons(record, "a" * 64, host.tensorrt_version, host.gpu_name, host.compute_capability)
+    assert stale_message("unet", record, reasons, host, "ENGINE_DIR") == (
+        "unet.plan was built for TensorRT 10.3 on NVIDIA A100 (sm_80); this machine has TensorRT 10.8 on H100 "
+        "(sm_90): rebuild with `rtsd export --rebuild ENGINE_DIR --backend tensorrt`")
+
+
+def test_same_machine_message_lists_the_reasons():
+    reasons = _reasons(GOOD, onnx="c" * 64, plan_present=False)
+    message = stale_message("unet", GOOD, reasons, HOST, "out/sd15")
+    assert message.startswith("unet.plan cannot be used (unet.plan is missing; built from a different ONNX")
+    assert message.endswith("rebuild with `rtsd export --rebuild out/sd15 --backend tensorrt`")
+    assert "no TensorRT engine" in stale_message("vae_decoder", None, _reasons(None), HOST, "d")
+
+
+def test_rebuild_keeps_the_options_a_plan_was_built_with():
+    r = ShapeRange()
+    assert build_options(None, "unet", r, None, None) == ("fp16", False)
+    assert build_options({"precision": "fp32", "static": True}, "vae_decoder", r, None, None) == ("fp32", True)
+    assert build_options({"precision": "fp32", "static": True}, "vae_decoder", r, False, ()) == ("fp16", False)
+    assert build_options(None, "vae_decoder", r, None, ("vae_decoder",)) == ("fp32", False)
+    assert build_options(None, "unet", ShapeRange.fixed(1, 512, 512), False, None) == ("fp16", True)
+
+
+# ---------------------------------------------------------------- fp32 layer policy
+
+def _layer(name, type_, inputs=(), outputs=None, float_outputs=True):
+    return LayerInfo(name, type_, tuple(inputs), tuple(outputs or (name + ":0",)), float_outputs)
+
+
+ATTENTION = [
+    _layer("norm", "NORMALIZATION", ["x"]),
+    _layer("shape_reduce", "REDUCE", ["s"], float_outputs=False),  # integer shape arithmetic: never pinned
+    _layer("q", "MATRIX_MULTIPLY", ["norm:0", "wq"]),
+    _layer("k", "MATRIX_MULTIPLY", ["norm:0", "wk"]),
+    _layer("qk", "MATRIX_MULTIPLY", ["q:0", "k:0"]),
+    _layer("scale_const", "CONSTANT"),
+    _layer("scale", "ELEMENTWISE", ["scale_const:0", "qk:0"]),
+    _layer("softmax", "SOFTMAX", ["scale:0"]),
+    _layer("mean", "REDUCE", ["softmax:0"]),
+]
+
+
+def test_norms_and_float_reductions_are_pinned_everywhere():
+    assert fp32_layer_names(ATTENTION, "unet") == ["norm", "mean"]
+
+
+def test_vae_decoder_also_pins_the_attention_logits_path():
+    assert fp32_layer_names(ATTENTION, "vae_decoder") == ["norm", "mean", "softmax", "scale", "qk"]
+
+
+def test_softmax_whose_logits_do_not_come_from_a_matmul_pins_only_itself():
+    layers = [_layer("x", "CONVOLUTION"), _layer("softmax", "SOFTMAX", ["x:0"])]
+    assert fp32_layer_names(layers, "vae_decoder") == ["softmax"]
+
+
+# ---------------------------------------------------------------- the exported ONNX graphs vs TensorRT 10's parser
+
+def test_support_lists_are_consistent():
+    assert not trt_support.SUPPORTED & trt_support.UNSUPPORTED
+    assert trt_support.OPSET_23_PLUS <= trt_support.SUPPORTED
+    assert {"Conv", "InstanceNormalization", "LayerNormalization", "GroupNormalization", "Resize"} <= \
+        trt_support.SUPPORTED_ANY_TRT10
+
+
+def test_check_graph_reports_what_the_parser_would_reject():
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Unique", ["x"], ["u"], name="uniq"),
+        helper.make_node("Resize", ["x", "", "scales"], ["r"], name="up", mode="cubic"),
+        helper.make_node("Resize", ["x", "", "scales"], ["r2"], name="aa", mode="linear", antialias=1),
+        helper.make_node("Shape", ["x"], ["axes"], name="dyn_axes"),
+        helper.make_node("ReduceSum", ["x", "axes"], ["s"], name="sum"),
+        helper.make_node("ReduceSum", ["x", "const_axes"], ["s2"], name="sum_ok"),
+        helper.make_node("Relu", ["x"], ["y"], name="custom", domain="com.microsoft"),
+        helper.make_node("Attention", ["x", "x", "x"], ["att"], name="attn"),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
+                               for n in ("u", "r", "r2", "s", "s2", "y", "att")],
+                              initializer=[helper.make_tensor("scales", TensorProto.FLOAT, [2], [1.0, 2.0]),
+                                           helper.make_tensor("const_axes", TensorProto.INT64, [1], [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    problems = trt_support.check_graph(model)
+    assert len(problems) == 6, problems
+    for needle in ("Unique node uniq: not supported", "up: mode 'cubic'", "aa: antialiased", "sum: axes input 'axes'",
+                   "custom domain 'com.microsoft'", "Attention node attn: not supported"):
+        assert any(needle in p for p in problems), (needle, problems)
+    assert trt_support.check_graph(model, supported=trt_support.SUPPORTED) == [p for p in problems if "attn" not in p]
+    model.opset_import[0].version = 25
+    assert any("opset 25 is outside" in p for p in trt_support.check_graph(model))
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory):
+    """The four sub-models of the tiny synthetic checkpoint, exported with the project's exporter."""
+    pytest.importorskip("torch")
+    onnx = pytest.importorskip("onnx")
+    try:
+        from rtsd.export.onnx import export_component
+        from rtsd.models import load_checkpoint
+        from rtsd.models.synthetic import write_checkpoint
+    except ImportError as exc:
+        pytest.skip(f"the tiny reference models or the ONNX exporter are not importable yet: {exc}")
+    work = tmp_path_factory.mktemp("tiny_onnx")
+    models = load_checkpoint(write_checkpoint(work / "tiny.safetensors", "tiny"))
+    shape_range = ShapeRange(min_size=64, max_size=128, opt_size=64, max_batch=2)
+    graphs = {}
+    for component in COMPONENTS:
+        files = export_component(models, component, work / f"{component}.onnx", shape_range)
+        graphs[component] = onnx.load(str(files[0]), load_external_data=False)
+    return graphs
+
+
+@pytest.mark.parametrize("component", COMPONENTS)
+def test_exported_graphs_use_only_operators_tensorrt_10_parses(tiny_onnx, component):
+    model = tiny_onnx[component]
+    unsupported = trt_support.op_types(model) - trt_support.SUPPORTED_ANY_TRT10
+    assert not unsupported, f"{component}: {sorted(unsupported)} are not parsed by TensorRT 10"
+    assert trt_support.check_graph(model) == []
+
+
+# How TensorRT's ONNX parser turns these node types into layers (the parser maps nodes to layers one to one before
+# the builder fuses anything); enough to run the fp32 policy on the real graphs.
+_ONNX_TO_LAYER = {"InstanceNormalization": "NORMALIZATION", "LayerNormalization": "NORMALIZATION",
+                  "GroupNormalization": "NORMALIZATION", "Softmax": "SOFTMAX", "MatMul": "MATRIX_MULTIPLY",
+                  "Mul": "ELEMENTWISE", "Div": "ELEMENTWISE", "Add": "ELEMENTWISE", "Sub": "ELEMENTWISE",
+                  "Reshape": "SHUFFLE", "Transpose": "SHUFFLE", "Cast": "CAST", "Sqrt": "UNARY", "Conv": "CONVOLUTION",
+                  "Constant": "CONSTANT", "ReduceMean": "REDUCE"}
+
+
+def _onnx_layers(model):
+    init = {i.name for i in model.graph.initializer}
+    return [LayerInfo(node.name, _ONNX_TO_LAYER.get(node.op_type, node.op_type.upper()),
+                      tuple(i for i in node.input if i and i not in init), tuple(node.output), True)
+            for node in model.graph.node]
+
+
+def test_vae_decoder_attention_logits_path_is_found_in_the_real_graph(tiny_onnx):
+    layers = _onnx_layers(tiny_onnx["vae_decoder"])
+    by_name = {layer.name: layer for layer in layers}
+    pinned = fp32_layer_names(layers, "vae_decoder")
+    softmaxes = [layer for layer in layers if layer.type == "SOFTMAX"]
+    assert softmaxes
+    assert sum(by_name[name].type == "MATRIX_MULTIPLY" for name in pinned) == len(softmaxes)
+    assert sum(by_name[name].type == "NORMALIZATION" for name in pinned) == \
+        sum(layer.type == "NORMALIZATION" for layer in layers) > 0
+    unet = _onnx_layers(tiny_onnx["unet"])
+    assert all(layer.type == "NORMALIZATION" for layer in unet if layer.name in fp32_layer_names(unet, "unet"))
+
+
+# ---------------------------------------------------------------- without TensorRT / CuPy / a GPU
+
+def _fake_module(name, **attrs):
+    module = types.ModuleType(name)
+    module.__dict__.update(attrs)
+    return module
+
+
+def _manifest():
+    from rtsd.export.manifest import Manifest
+
+    return Manifest(model=SD15, shape_range=ShapeRange(), source={}, tokenizer={},
+                    components={c: {"io": SPECS[c].to_dict()} for c in COMPONENTS})
+
+
+def test_missing_tensorrt_is_one_line_with_the_install_hint(monkeypatch, tmp_path):
+    from rtsd.engine import get_backend
+    from rtsd.engine.tensorrt import TensorRTBackend
+    from rtsd.export.tensorrt import build_engines, require_tensorrt
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError, installed or not
+    for make in (TensorRTBackend, lambda: get_backend("tensorrt"), require_tensorrt,
+                 lambda: build_engines(tmp_path, _manifest())):
+        with pytest.raises(MissingDependencyError) as info:
+            make()
+        message = str(info.value)
+        assert "'tensorrt', which is not installed" in message and "pip install 'rtsd[tensorrt]'" in message
+        assert "NVIDIA GPU" in message and "\n" not in message
+
+
+def test_missing_cupy_old_tensorrt_and_no_gpu_are_named(monkeypatch):
+    from rtsd.engine.tensorrt import TensorRTBackend
+
+    monkeypatch.setitem(sys.modules, "tensorrt", _fake_module("tensorrt", __version__="10.8.0.43"))
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    with pytest.raises(MissingDependencyError, match=r"needs 'cupy-cuda12x', which is not installed: pip install"):
+        TensorRTBackend()
+
+    def no_driver():
+        raise RuntimeError("cudaErrorInsufficientDriver: CUDA driver version is insufficient")
+
+    runtime = types.SimpleNamespace(getDeviceCount=no_driver)
+    monkeypatch.setitem(sys.modules, "cupy", _fake_module("cupy", cuda=types.SimpleNamespace(runtime=runtime)))
+    with pytest.raises(MissingDependencyError, match=r"needs an NVIDIA GPU with a working CUDA driver .*"
+                                                     r"cudaErrorInsufficientDriver.*--backend onnxruntime"):
+        TensorRTBackend()
+
+    monkeypatch.setitem(sys.modules, "tensorrt", _fake_module("tensorrt", __version__="8.6.1"))
+    with pytest.raises(MissingDependencyError, match=r"tensorrt>=10.1 \(found 8.6.1\)"):
+        TensorRTBackend()
+
+
+def test_importing_the_gpu_modules_imports_neither_tensorrt_nor_cupy():
+    code = ("import sys, rtsd, rtsd.engine.tensorrt, rtsd.engine.cuda, rtsd.engine.staleness, rtsd.export.tensorrt, "
+            "rtsd.export.trt_support; "
+            "print(sorted(m for m in ('tensorrt', 'cupy', 'cuda', 'polygraphy', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+# ---------------------------------------------------------------- buffers and the CUDA-graph cache policy
+
+def test_buffers_grow_only_and_are_reused():
+    buffers = GrowOnlyBuffers(np)
+    a = buffers.view("sample", (2, 4, 64, 64), np.float32)
+    assert buffers.allocations == 1 and a.shape == (2, 4, 64, 64) and a.dtype == np.float32
+    address = data_pointer(a)
+    for shape in [(2, 4, 64, 64), (1, 4, 32, 32), (2, 4, 48, 64)]:  # not larger: same memory, no allocation
+        view = buffers.view("sample", shape, np.float32)
+        assert data_pointer(view) == address and view.shape == shape
+    assert buffers.allocations == 1 and buffers.generation == 1
+    buffers.view("sample", (2, 4, 128, 128), np.float32)  # larger: one reallocation, a new generation
+    assert buffers.allocations == 2 and buffers.generation == 2
+    buffers.view("timestep", (2,), np.float32)
+    assert buffers.allocations == 3 and buffers.nbytes % GrowOnlyBuffers.ALIGN == 0
+    half = buffers.view("sample", (2, 4, 64, 64), np.float16)  # another dtype reuses the same bytes
+    half[...] = 1.5
+    assert buffers.allocations == 3 and float(buffers.view("sample", (2, 4, 64, 64), np.float16).sum()) == 1.5 * half.size
+
+
+class _FakeStream:
+    """CUDA stream capture semantics: work issued while capturing is recorded, not run, until the graph launches."""
+
+    def __init__(self, fail_capture=False):
+        self.capturing, self.recorded, self.fail_capture, self.launched = False, None, fail_capture, 0
+
+    def begin_capture(self):
+        self.capturing, self.recorded = True, []
+
+    def end_capture(self):
+        self.capturing = False
+        if self.fail_capture:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        work = self.recorded
+
+        def launch(stream=None):
+            assert stream is self
+            self.launched += 1
+            for item in work:
+                item()
+        return types.SimpleNamespace(launch=launch)
+
+    def issue(self, work):
+        self.recorded.append(work) if self.capturing else work()
+
+
+def test_graph_cache_warms_up_captures_once_then_replays_per_shape():
+    stream, runs = _FakeStream(), []
+    cache = GraphCache(stream, warmup_calls=1)
+    enqueue = lambda tag: (lambda: stream.issue(lambda: runs.append(tag)))  # noqa: E731
+    modes = [cache.run((2, 64), enqueue("a")) for _ in range(4)]
+    assert modes == ["plain", "captured", "replayed", "replayed"] and runs == ["a"] * 4
+    assert cache.run((2, 96), enqueue("b")) == "plain" and cache.run((2, 96), enqueue("b")) == "captured"
+    assert cache.captures == 2 and len(cache) == 2 and stream.launched == 4
+    cache.drop((2, 64))
+    assert cache.run((2, 64), enqueue("a")) == "plain" and len(cache) == 1
+    cache.clear()
+    assert len(cache) == 0 and cache.run((2, 96), enqueue("b")) == "plain"
+
+
+def test_graph_cache_falls_back_to_plain_runs_when_capture_fails():
+    stream, runs = _FakeStream(fail_capture=True), []
+    cache = GraphCache(stream)
+    enqueue = lambda: stream.issue(lambda: runs.append(1))  # noqa: E731
+    assert [cache.run("k", enqueue) for _ in range(3)] == ["plain", "plain", "plain"]
+    assert len(runs) == 3 and not stream.capturing and "not permitted" in cache.failures["k"]
+
+
+# ---------------------------------------------------------------- device-side arithmetic on an operator-only array
+
+class OpArray:
+    """An array offering only what CuPy arrays share with NumPy for the loop: operators, slicing, shape, dtype,
+    .clip/.astype. NumPy functions and host arrays are refused, so code that passes here runs on CuPy unchanged."""
+
+    __array_ufunc__ = None  # numpy ufuncs (np.sqrt(x), ndarray + OpArray) raise TypeError
+    __slots__ = ("a",)
+
+    def __init__(self, a):
+        assert isinstance(a, np.ndarray)
+        object.__setattr__(self, "a", a)
+
+    def __array__(self, *args, **kwargs):
+        raise TypeError("host conversion of a device array (np.asarray) would not work on CuPy")
+
+    def __array_function__(self, *args, **kwargs):
+        raise TypeError("a NumPy function was called on a device array")
+
+    @staticmethod
+    def _raw(other):
+        if isinstance(other, OpArray):
+            return other.a
+        if isinstance(other, numbers.Number) and not isinstance(other, np.ndarray):
+            return other
+        raise TypeError(f"device arithmetic with {type(other).__name__} (a host array?)")
+
+    shape = property(lambda self: self.a.shape)
+    dtype = property(lambda self: self.a.dtype)
+    ndim = property(lambda self: self.a.ndim)
+
+    def clip(self, lo, hi):
+        return OpArray(self.a.clip(lo, hi))
+
+    def astype(self, dtype):
+        return OpArray(self.a.astype(dtype))
+
+    def __getitem__(self, key):
+        if not all(isinstance(k, (slice, int, type(Ellipsis))) for k in (key if isinstance(key, tuple) else (key,))):
+            raise TypeError("only basic slicing is used on device arrays")
+        return OpArray(self.a[key])
+
+    def __neg__(self):
+        return OpArray(-self.a)
+
+    def __abs__(self):
+        return OpArray(abs(self.a))
+
+
+for _name in ("add", "sub", "mul", "truediv", "pow"):
+    def _forward(self, other, op=f"__{_name}__"):
+        return OpArray(getattr(self.a, op)(OpArray._raw(other)))
+
+    def _reverse(self, other, op=f"__r{_name}__"):
+        return OpArray(getattr(self.a, op)(OpArray._raw(other)))
+    setattr(OpArray, f"__{_name}__", _forward)
+    setattr(OpArray, f"__r{_name}__", _reverse)
+
+
+def _run_loop(name, wrap, steps=8, img2img=False, prediction_type="epsilon", **options):
+    """The runtime's per-step device work: scale the input, CFG-combine, step; model outputs and noise from the
+    host, as the engines and the seeded generator would deliver them."""
+    from rtsd import schedulers
+
+    sched = schedulers.create(name, num_inference_steps=steps, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", prediction_type=prediction_type, **options)
+    rng = np.random.default_rng(7)
+    n, shape = 2, (2, 4, 8, 8)
+    start = 0
+    if img2img:
+        start = len(sched.timesteps) // 2
+        x = sched.add_noise(wrap(rng.standard_normal(shape, dtype=np.float32)),
+                            wrap(rng.standard_normal(shape, dtype=np.float32)), start)
+    else:
+        x = wrap(rng.standard_normal(shape, dtype=np.float32)) * sched.init_noise_sigma
+    for i in range(start, len(sched.timesteps)):
+        model_in = sched.scale_model_input(x, i)
+        # a deterministic stand-in for the UNet: depends on its input and the step, rows = [uncond; cond]
+        eps = wrap(rng.standard_normal((2 * n,) + shape[1:], dtype=np.float32))
+        uncond, cond = eps[:n, ...] + model_in * 0.1, eps[n:, ...] - model_in * 0.05
+        guided = uncond + 7.5 * (cond - uncond)
+        noise = wrap(rng.standard_normal(shape, dtype=np.float32)) if sched.stochastic else None
+        x = sched.step(guided, i, x, noise=noise)
+    return x
+
+
+def _scheduler_names():
+    from rtsd import schedulers
+
+    return schedulers.available()
+
+
+@pytest.mark.parametrize("name", _scheduler_names())
+def test_scheduler_step_and_cfg_run_on_operator_only_arrays_and_equal_numpy(name):
+    expected = _run_loop(name, lambda a: a)
+    device = _run_loop(name, OpArray)
+    assert isinstance(device, OpArray), f"{name}: the step returned {type(device).__name__}, not the device type"
+    assert device.dtype == expected.dtype == np.float32
+    np.testing.assert_array_equal(device.a, expected)
+
+
+@pytest.mark.parametrize("name", ["ddim", "euler", "dpmpp_2m"])
+def test_img2img_and_v_prediction_paths_stay_on_the_device(name):
+    if name not in _scheduler_names():
+        pytest.skip(f"scheduler {name} is not available yet")
+    for kw in ({"img2img": True}, {"prediction_type": "v_prediction"}):
+        np.testing.assert_array_equal(_run_loop(name, OpArray, **kw).a, _run_loop(name, lambda a: a, **kw))
+
+
+def test_operator_only_array_refuses_numpy_functions_and_host_arrays():
+    x = OpArray(np.ones(3, np.float32))
+    for bad in (lambda: np.sqrt(x), lambda: np.where(x.a > 0, x, x), lambda: x + np.ones(3, np.float32),
+                lambda: np.asarray(x)):
+        with pytest.raises(TypeError):
+            bad()
+
+
+@pytest.mark.parametrize("name", ["ddim", "euler", "euler_a", "dpmpp_2m", "lms", "unipc"])
+def test_scheduler_step_on_array_api_strict_equals_numpy(name):
+    xp = pytest.importorskip("array_api_strict")
+    if name not in _scheduler_names():
+        pytest.skip(f"scheduler {name} is not available yet")
+    # .clip (DDIM's clip_sample, on by default in diffusers, off in SD's configs) is a CuPy/NumPy method outside the
+    # Array API standard: the operator-only test above covers it.
+    options = {"clip_sample": False} if name == "ddim" else {}
+    device = _run_loop(name, lambda a: xp.asarray(a), **options)
+    np.testing.assert_array_equal(np.asarray(device), _run_loop(name, lambda a: a, **options))
