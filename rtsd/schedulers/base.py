@@ -127,6 +127,37 @@ def spaced_timesteps(spacing: str, n: int, num_train_timesteps: int, steps_offse
     return linspace_timesteps(n, num_train_timesteps)
 
 
+def discrete_sigma_timesteps(
+    schedule: TrainSchedule,
+    alphas_cumprod: np.ndarray,
+    n: int,
+    use_karras_sigmas: bool = False,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(timesteps float32, sigmas float64 without the final one) of diffusers' Euler/LMS/Heun family.
+
+    The linspace spacing is fractional here (not rounded); sigmas are interpolated linearly in the timestep;
+    Karras sigmas replace them and map back to fractional timesteps through ``sigma_to_t``.
+    """
+    spacing, num_train = schedule.timestep_spacing, schedule.num_train_timesteps
+    if spacing == "linspace":
+        timesteps = linspace_timesteps(n, num_train, rounded=False).astype(np.float32)
+    elif spacing == "leading":
+        timesteps = (np.arange(0, n) * (num_train // n)).round()[::-1].astype(np.float32)
+        timesteps += np.float32(schedule.steps_offset)
+    else:
+        timesteps = trailing_timesteps(n, num_train).astype(np.float32)
+    train_sigmas = sigmas_from(alphas_cumprod)
+    sigmas = np.interp(timesteps, np.arange(0, len(train_sigmas)), train_sigmas)
+    if use_karras_sigmas:
+        lo = sigma_min if sigma_min is not None else float(sigmas[-1])
+        hi = sigma_max if sigma_max is not None else float(sigmas[0])
+        sigmas = karras_sigmas(lo, hi, n)
+        timesteps = sigma_to_t(sigmas, np.log(train_sigmas)).astype(np.float32)
+    return timesteps, sigmas
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Prediction-type conversions (array operators only; scalars are Python floats)
 # ---------------------------------------------------------------------------------------------------------------
@@ -243,7 +274,8 @@ class Scheduler:
     train_defaults: ClassVar[dict[str, Any]] = {}
     # TrainSchedule fields this algorithm's diffusers class does not have: they must stay at their defaults.
     unsupported_train_fields: ClassVar[tuple[str, ...]] = ()
-    # diffusers config keys accepted only with the given value (features rtsd does not implement).
+    # diffusers config keys accepted only with the given value (features rtsd does not implement), e.g.
+    # {"thresholding": False}; create_from_diffusers_config rejects any other value with a clear error.
     fixed_diffusers_keys: ClassVar[dict[str, Any]] = {}
 
     timesteps: np.ndarray
@@ -353,3 +385,24 @@ class Scheduler:
                 raise ValueError(f"{self.name}: noise shape {tuple(noise.shape)} must equal sample shape {tuple(x.shape)}")
         elif noise is not None:
             raise ValueError(f"{self.name} is deterministic (stochastic=False): pass noise=None to step")
+
+
+class SigmaScheduler(Scheduler):
+    """Base of the k-diffusion style samplers (Euler, Euler a, LMS, Heun): x = x0 + sigma * eps, input scaled by c_in.
+
+    Subclasses set ``self.sigmas`` (float32, one per entry of ``timesteps`` plus the final sigma).
+    """
+
+    sigmas: np.ndarray
+
+    def _init_noise_sigma(self) -> float:
+        # diffusers: the largest sigma, or the std of x at that sigma for "leading" spacing.
+        max_sigma = float(self.sigmas.max())
+        return max_sigma if self.schedule.timestep_spacing in ("linspace", "trailing") else (max_sigma**2 + 1) ** 0.5
+
+    def _scale_model_input(self, x, i: int):
+        sigma = float(self.sigmas[i])
+        return x / (sigma**2 + 1) ** 0.5
+
+    def _add_noise(self, original, noise, i: int):
+        return original + noise * float(self.sigmas[i])
