@@ -109,7 +109,7 @@ class Checkpoint:
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
-    """Open a ``.safetensors``/``.ckpt``/``.pt``/``.pth`` file or a diffusers folder; raise CheckpointError if unreadable."""
+    """Open a .safetensors/.ckpt/.pt/.pth file or a diffusers folder; CheckpointError when it cannot be read."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -117,8 +117,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         return _open_diffusers(path)
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
-        infos = read_safetensors_header(path)
-        checkpoint = _single_file(path, "safetensors", {k: (shape, dtype) for k, (dtype, shape) in infos.items()})
+        checkpoint = _single_file(path, "safetensors", read_safetensors_header(path))
     elif suffix in PICKLE_SUFFIXES:
         state = _load_pickle(path)
         entries = {k: (tuple(t.shape), _torch_dtype_name(t)) for k, t in state.items()}
@@ -134,7 +133,9 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
 # ------------------------------------------------------------------------------------------------------ single file
 
 
-def _single_file(path: Path, format: str, entries: Mapping[str, tuple[tuple[int, ...], str]], pickled=None) -> Checkpoint:
+def _single_file(
+    path: Path, format: str, entries: Mapping[str, tuple[tuple[int, ...], str]], pickled=None
+) -> Checkpoint:
     sources: dict[str, _Source] = {}
     dtypes: dict[str, str] = {}
     for key, (shape, dtype) in entries.items():
@@ -164,8 +165,8 @@ def _no_model_keys_message(path: Path, entries: Iterable[str]) -> str:
     )
 
 
-def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """key -> (dtype name, shape) from a safetensors header, after checking every size against the file length."""
+def read_safetensors_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """key -> (shape, dtype name) from a safetensors header, after checking every size against the file length."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         if size < 8:
@@ -184,7 +185,7 @@ def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors file: header is not a JSON object")
     data_size = size - 8 - header_len
-    out: dict[str, tuple[str, tuple[int, ...]]] = {}
+    out: dict[str, tuple[tuple[int, ...], str]] = {}
     for key, info in header.items():
         if key == "__metadata__":
             continue
@@ -203,7 +204,7 @@ def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]
                 f"{path}: truncated safetensors file: tensor '{key}' ends at byte {8 + header_len + end} but the "
                 f"file has {size} bytes"
             )
-        out[key] = (name, shape)
+        out[key] = (shape, name)
     return out
 
 
@@ -276,7 +277,7 @@ def _open_diffusers(path: Path) -> Checkpoint:
         for file in _component_weight_files(folder):
             weight_files.append(file)
             if file.suffix == ".safetensors":
-                for key, (dtype, shape) in read_safetensors_header(file).items():
+                for key, (shape, dtype) in read_safetensors_header(file).items():
                     entries[key] = (file, shape, dtype)
             else:
                 state = pickled[file] = _load_pickle(file)
@@ -385,7 +386,9 @@ def read_prediction_type(checkpoint_path: str | Path) -> str | None:
             return None
         value = _read_json(config_file).get("prediction_type", "epsilon")
         if value not in ("epsilon", "v_prediction"):
-            raise UnsupportedModelError(f"{config_file}: prediction_type '{value}': rtsd supports epsilon and v_prediction")
+            raise UnsupportedModelError(
+                f"{config_file}: prediction_type '{value}': rtsd supports epsilon and v_prediction"
+            )
         return value
     yaml_file = path.with_suffix(".yaml")
     if not yaml_file.is_file():

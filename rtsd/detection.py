@@ -85,8 +85,8 @@ def _reject_other_families(shapes: Mapping[str, Shape]) -> None:
     if missing:
         found = sorted({k.split(".", 1)[0] for k in shapes})
         raise UnsupportedModelError(
-            f"incomplete checkpoint: no {', '.join(missing)} tensors ({', '.join(p for p in COMPONENT_PREFIXES.values())}"
-            f"* expected; found {', '.join(f + '.*' for f in found)}); rtsd needs a full SD 1.x/2.x checkpoint"
+            f"incomplete checkpoint: no {', '.join(missing)} tensors ({'*, '.join(COMPONENT_PREFIXES.values())}* "
+            f"expected; found {', '.join(f + '.*' for f in found)}); rtsd needs a full SD 1.x/2.x checkpoint"
         )
 
 

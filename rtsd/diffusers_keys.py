@@ -72,7 +72,7 @@ def _resnet(attr: str, param: str, key: str) -> str:
 
 
 def unet_to_ldm(shapes: Mapping[str, Shape]) -> dict[str, KeySource]:
-    """Map a diffusers ``UNet2DConditionModel`` state dict (SD 1.x/2.x block structure) to ``model.diffusion_model.*``."""
+    """Map a diffusers ``UNet2DConditionModel`` state dict (SD 1.x/2.x blocks) to ``model.diffusion_model.*``."""
     # Blocks per level (LDM numbers input/output blocks flat, diffusers nests them per level).
     layers = _count_indices(shapes, r"down_blocks\.0\.resnets\.(\d+)\.")
     if layers == 0:
@@ -173,7 +173,7 @@ def vae_to_ldm(shapes: Mapping[str, Shape]) -> dict[str, KeySource]:
             if m[3] == "weight" and m[2] != "group_norm" and len(shape) == 2:
                 shape = (*shape, 1, 1)
         else:
-            raise UnsupportedModelError(f"diffusers VAE: tensor '{key}' has no SD single-file (AutoencoderKL) equivalent")
+            raise UnsupportedModelError(f"diffusers VAE: tensor '{key}' has no SD single-file AutoencoderKL equivalent")
         out[VAE_PREFIX + ldm] = KeySource(key, shape)
     return out
 

@@ -429,7 +429,8 @@ def test_prediction_type_of_a_diffusers_folder(models, tmp_path):
     folder = write_diffusers_folder(tmp_path / "v", models, prediction_type="v_prediction")
     assert read_prediction_type(folder) == "v_prediction"
     info = summarize(open_checkpoint(folder))
-    assert info["prediction_type"] == "v_prediction" and info["config"]["scheduler"]["prediction_type"] == "v_prediction"
+    assert info["prediction_type"] == "v_prediction"
+    assert info["config"]["scheduler"]["prediction_type"] == "v_prediction"
     shutil.rmtree(folder / "scheduler")
     assert read_prediction_type(folder) is None
 

@@ -155,8 +155,10 @@ def test_sd15_key_counts_match_the_real_checkpoint(sd15):
     assert len(text) == 196
     assert len(state) == 686 + 248 + 196
     # diffusers' converter accepts an upsampler at either slot, so pin LDM's: after the attention when there is one.
-    for key in ("output_blocks.2.1.conv.weight", "output_blocks.5.2.conv.weight", "output_blocks.8.2.conv.weight",
-                "input_blocks.3.0.op.weight", "output_blocks.11.0.skip_connection.weight", "middle_block.1.proj_in.weight"):  # fmt: skip
+    for key in (
+        "output_blocks.2.1.conv.weight", "output_blocks.5.2.conv.weight", "output_blocks.8.2.conv.weight",
+        "input_blocks.3.0.op.weight", "output_blocks.11.0.skip_connection.weight", "middle_block.1.proj_in.weight",
+    ):  # fmt: skip
         assert "model.diffusion_model." + key in state
     assert state["first_stage_model.decoder.mid.attn_1.q.weight"].shape == (512, 512, 1, 1)
     assert state["first_stage_model.decoder.up.3.block.0.conv1.weight"].shape == (512, 512, 3, 3)
@@ -430,3 +432,32 @@ def test_sd2_attention_width_must_fit_64_wide_heads():
     _, _, state = sd2_meta_state(unet_kwargs, TINY_VAE, width=64, layers=2, mlp=128)
     with pytest.raises(UnsupportedModelError, match="32 is not a multiple of 64"):
         detect_config(shapes_of(state))
+
+
+# ------------------------------------------------------------------------------------------- synthetic checkpoints
+
+
+def test_synthetic_tiny_checkpoint_detects_and_fits_diffusers(tmp_path):
+    """rtsd's own synthetic writer (another module) against diffusers: the detected config, turned into diffusers
+    configs by diffusers itself, gives models whose state dicts the file's tensors convert onto exactly."""
+    synthetic = pytest.importorskip("rtsd.models.synthetic")
+    from rtsd.checkpoint import open_checkpoint
+
+    checkpoint = open_checkpoint(synthetic.write_checkpoint(tmp_path / "tiny.safetensors", "tiny", 0))
+    config = detect_config(checkpoint.shapes)
+    assert config.family == "sd1" and config.unet.channel_mult == (1, 2, 4, 4) and config.unet.num_res_blocks == 2
+    with torch.device("meta"):
+        state = {k: torch.empty(shape) for k, shape in checkpoint.shapes.items()}
+        original = ldm_original_config(config)
+        unet = UNet2DConditionModel(**sfu.create_unet_diffusers_config_from_ldm(original, state))
+        vae = AutoencoderKL(**sfu.create_vae_diffusers_config_from_ldm(original, state))
+        t = config.text_encoder
+        text = CLIPTextModel(CLIPTextConfig(
+            vocab_size=t.vocab_size, hidden_size=t.hidden_size, num_hidden_layers=t.num_layers,
+            num_attention_heads=t.num_heads, intermediate_size=t.intermediate_size,
+            max_position_embeddings=t.max_position_embeddings,
+        ))  # fmt: skip
+    assert_same_shapes(sfu.convert_ldm_unet_checkpoint(state, dict(unet.config)), unet.state_dict())
+    assert_same_shapes(sfu.convert_ldm_vae_checkpoint(state, dict(vae.config)), vae.state_dict())
+    clip = {k.removeprefix("text_model."): v for k, v in sfu.convert_ldm_clip_checkpoint(state).items()}
+    assert_same_shapes(clip, text.state_dict())
