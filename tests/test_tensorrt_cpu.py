@@ -351,9 +351,11 @@ def test_missing_cupy_old_tensorrt_and_no_gpu_are_named(monkeypatch):
                                                      r"cudaErrorInsufficientDriver.*--backend onnxruntime"):
         TensorRTBackend()
 
-    monkeypatch.setitem(sys.modules, "tensorrt", _fake_module("tensorrt", __version__="8.6.1"))
-    with pytest.raises(MissingDependencyError, match=r"tensorrt>=10.1 \(found 8.6.1\)"):
-        TensorRTBackend()
+    for version in ("8.6.1", "11.4.0"):
+        monkeypatch.setitem(sys.modules, "tensorrt", _fake_module("tensorrt", __version__=version))
+        with pytest.raises(MissingDependencyError, match=rf"needs tensorrt>=10.1,<11, this machine has TensorRT {version}: "
+                                                              r"pip install 'tensorrt>=10.1,<11'$"):
+            TensorRTBackend()
 
 
 def test_importing_the_gpu_modules_imports_neither_tensorrt_nor_cupy():
@@ -559,3 +561,284 @@ def test_scheduler_step_on_array_api_strict_equals_numpy(name):
     options = {"clip_sample": False} if name == "ddim" else {}
     device = _run_loop(name, lambda a: xp.asarray(a), **options)
     np.testing.assert_array_equal(np.asarray(device), _run_loop(name, lambda a: a, **options))
+
+
+# ---------------------------------------------------------------- the backend's control flow against a simulated TensorRT
+#
+# A stand-in for TensorRT + CuPy on the CPU: "device" buffers are NumPy memory; a context reads its inputs from and
+# writes its outputs to the raw addresses bound with set_tensor_address (so a stale binding gives wrong numbers);
+# work issued on a capturing stream runs only when the graph is launched, as on CUDA. The arithmetic is simple and
+# known (unet: 2 * sample + timestep), the point is the backend's bookkeeping: refusal before deserializing, one shared
+# activation block, buffers reused, graphs per shape, profile checks before running, the fp32 fallback.
+
+import ctypes  # noqa: E402
+import warnings  # noqa: E402
+
+from rtsd.engine import tensorrt as trt_backend  # noqa: E402
+from rtsd.errors import EngineDirError  # noqa: E402
+from rtsd.export.manifest import Manifest  # noqa: E402
+
+SIM_RANGE = ShapeRange(min_size=64, max_size=128, opt_size=64, max_batch=2)
+
+
+class _DevArray(np.ndarray):
+    def set(self, host, stream=None):
+        self[...] = host
+
+    def get(self, stream=None):
+        return np.array(self)
+
+
+def _at(address, shape, dtype):
+    dtype = np.dtype(dtype)
+    raw = (ctypes.c_char * (int(np.prod(shape)) * dtype.itemsize)).from_address(address)
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+class _SimStream(_FakeStream):
+    streams: dict = {}
+
+    def __init__(self, non_blocking=False):
+        super().__init__()
+        self.ptr = 1000 + len(_SimStream.streams)
+        _SimStream.streams[self.ptr] = self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def record(self):
+        return object()
+
+    def wait_event(self, event):
+        pass
+
+    def synchronize(self):
+        pass
+
+
+class _SimCupy:
+    """The CuPy surface the backend uses."""
+
+    uint8, float32 = np.uint8, np.float32
+
+    def __init__(self):
+        default = _SimStream()
+        self.blocks = []
+        self.cuda = types.SimpleNamespace(
+            Stream=_SimStream, get_current_stream=lambda: default, alloc=self._alloc,
+            Device=lambda i=0: types.SimpleNamespace(use=lambda: None, synchronize=lambda: None))
+
+    def _alloc(self, nbytes):
+        block = np.zeros(nbytes, np.uint8)
+        self.blocks.append(block)
+        return types.SimpleNamespace(ptr=block.ctypes.data)
+
+    @staticmethod
+    def empty(n, dtype):
+        return np.empty(n, dtype).view(_DevArray)
+
+    isfinite = staticmethod(np.isfinite)
+
+
+class _SimContext:
+    def __init__(self, engine):
+        self.engine, self.shapes, self.addresses, self.memory = engine, {}, {}, None
+
+    def set_device_memory(self, ptr, size):
+        self.memory = (ptr, size)
+
+    def set_input_shape(self, name, shape):
+        corners = self.engine.profile[name]
+        self.shapes[name] = tuple(shape)
+        return all(lo <= v <= hi for v, lo, hi in zip(shape, corners["min"], corners["max"]))
+
+    def get_tensor_shape(self, name):
+        rows, h, w = request_size(self.engine.spec, self.shapes)
+        return self.engine.spec.shapes(rows, h or 8, w or 8)[name]
+
+    def set_tensor_address(self, name, address):
+        self.addresses[name] = address
+
+    def execute_async_v3(self, stream_ptr):
+        assert self.memory is not None, "a context ran without activation memory"
+        self.engine.launches += 1
+        spec, shapes, addresses = self.engine.spec, dict(self.shapes), dict(self.addresses)
+        outputs = {t.name: self.get_tensor_shape(t.name) for t in spec.outputs}
+
+        def work():  # baked at enqueue time, like a captured kernel's parameters
+            self.engine.runs += 1
+            inputs = {t.name: _at(addresses[t.name], shapes[t.name], t.dtype) for t in spec.inputs}
+            for t in spec.outputs:
+                _at(addresses[t.name], outputs[t.name], np.float32)[...] = self.engine.compute(inputs)
+        _SimStream.streams[stream_ptr].issue(work)
+        return True
+
+
+class _SimEngine:
+    def __init__(self, name, overflow=False):
+        self.spec, self.launches, self.runs, self.contexts = SPECS[name], 0, 0, []
+        self.profile = {n: {k: tuple(v) for k, v in c.items()} for n, c in engine_profile(self.spec, SIM_RANGE).items()}
+        self.device_memory_size_v2 = {"text_encoder": 1000, "unet": 5000, "vae_decoder": 3000, "vae_encoder": 2000}[name]
+        self.names = [t.name for t in self.spec.inputs + self.spec.outputs]
+        self.num_io_tensors = len(self.names)
+        self.overflow, self.name = overflow, name
+
+    def compute(self, inputs):
+        if self.name == "unet":
+            return 2 * inputs["sample"] + inputs["timestep"][:, None, None, None]
+        return np.inf if self.overflow else float(next(iter(inputs.values())).mean())
+
+    def get_tensor_name(self, i):
+        return self.names[i]
+
+    def get_tensor_mode(self, name):
+        return "in" if name in self.profile else "out"
+
+    def get_tensor_dtype(self, name):
+        return next(np.dtype(t.dtype) for t in self.spec.inputs + self.spec.outputs if t.name == name)
+
+    def get_tensor_profile_shape(self, name, index):
+        return [self.profile[name][k] for k in ("min", "opt", "max")]
+
+    def create_execution_context(self, strategy):
+        assert strategy == "USER_MANAGED"
+        self.contexts.append(_SimContext(self))
+        return self.contexts[-1]
+
+
+class _SimTensorRT:
+    __version__ = "10.8.0.43"
+    TensorIOMode = types.SimpleNamespace(INPUT="in", OUTPUT="out")
+    ExecutionContextAllocationStrategy = types.SimpleNamespace(USER_MANAGED="USER_MANAGED")
+    Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
+
+    def __init__(self):
+        self.deserialized = []
+        sim = self
+
+        class Runtime:
+            def __init__(self, logger):
+                pass
+
+            def deserialize_cuda_engine(self, data):
+                name, _, kind = data.decode().partition(":")
+                if kind == "corrupt":
+                    return None
+                sim.deserialized.append(_SimEngine(name, overflow=kind == "overflow"))
+                return sim.deserialized[-1]
+        self.Runtime = Runtime
+
+    @staticmethod
+    def nptype(dtype):
+        return dtype
+
+
+@pytest.fixture
+def sim(monkeypatch, tmp_path):
+    """A simulated TensorRT + CuPy and an engine directory whose plans name what the simulator builds."""
+    trt, cp = _SimTensorRT(), _SimCupy()
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda purpose: trt)
+    monkeypatch.setattr(trt_backend, "cuda_device", lambda purpose, device=0: (cp, "Sim GPU", "9.0"))
+    components = {}
+    for name in COMPONENTS:
+        kind = "overflow" if name == "vae_decoder" else "ok"
+        (tmp_path / f"{name}.plan").write_text(f"{name}:{kind}")
+        (tmp_path / f"{name}.fp32.plan").write_text(f"{name}:ok")
+        record = {"file": f"{name}.plan", "precision": "fp16", "tensorrt_version": trt.__version__, "gpu": "Sim GPU",
+                  "compute_capability": "9.0", "onnx_sha256": "a" * 64, "static": False,
+                  "fallback": {"file": f"{name}.fp32.plan", "precision": "fp32"} if name == "vae_decoder" else None}
+        components[name] = {"io": SPECS[name].to_dict(), "onnx": {"file": f"{name}.onnx", "sha256": "a" * 64},
+                            "engines": {"tensorrt": record}}
+    manifest = Manifest(model=SD15, shape_range=SIM_RANGE, source={}, tokenizer={}, components=components)
+    return types.SimpleNamespace(trt=trt, cp=cp, dir=tmp_path, manifest=manifest)
+
+
+def _unet_feeds(rows, size, t=10.0, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"sample": rng.standard_normal((rows, 4, size // 8, size // 8), dtype=np.float32),
+            "timestep": np.full((rows,), t, np.float32),
+            "encoder_hidden_states": rng.standard_normal((rows, 77, 768), dtype=np.float32)}
+
+
+def test_sim_loads_all_engines_on_one_shared_activation_block(sim):
+    backend = trt_backend.TensorRTBackend()
+    engines = backend.load(sim.dir, sim.manifest, COMPONENTS)
+    assert backend.host == HostInfo("10.8.0.43", "Sim GPU", "9.0") and backend.xp is sim.cp
+    assert len(sim.cp.blocks) == 1 and backend.activation.size == 5000  # the largest engine's need, once
+    engines["text_encoder"].infer({"input_ids": np.ones((2, 77), np.int64)})
+    engines["unet"].infer(_unet_feeds(2, 64))
+    engines["vae_decoder"].to_host(engines["vae_encoder"].infer({"images": np.ones((1, 3, 64, 64), np.float32)})[
+        "latent"])
+    contexts = [c for e in sim.trt.deserialized for c in e.contexts]
+    assert len(contexts) == 3 and {c.memory for c in contexts} == {(sim.cp.blocks[0].ctypes.data, 5000)}
+
+
+def test_sim_unet_steps_reuse_buffers_and_replay_one_graph_per_shape(sim):
+    unet = trt_backend.TensorRTBackend().load(sim.dir, sim.manifest, ("unet",))["unet"]
+    engine = sim.trt.deserialized[0]
+    modes, outputs = [], []
+    for step in range(5):
+        feeds = _unet_feeds(2, 64, t=float(step), seed=step)
+        out = unet.infer(feeds)["model_output"]
+        np.testing.assert_array_equal(out, 2 * feeds["sample"] + step)
+        modes.append(unet.last_run)
+        outputs.append(out)
+        if step == 0:
+            allocations = unet.allocations
+    assert modes == ["plain", "captured", "replayed", "replayed", "replayed"]
+    assert unet.allocations == allocations == 4  # three inputs, one output: none per step
+    np.testing.assert_array_equal(outputs[0], 2 * _unet_feeds(2, 64, seed=0)["sample"])  # a copy, not a view
+    assert engine.launches == 2 and engine.runs == 5  # warm-up + capture enqueued; replays launch the graph
+    # a second shape gets its own context and graph; a larger one regrows the buffers and recaptures
+    for size in (64, 128, 128, 128, 64, 64):
+        feeds = _unet_feeds(1, size, t=3.0)
+        np.testing.assert_array_equal(unet.infer(feeds)["model_output"], 2 * feeds["sample"] + 3.0)
+    # 128 px regrew sample and model_output (timestep and context fit): graphs were dropped and recaptured
+    assert len(engine.contexts) == 3 and unet.allocations == 6 and len(unet.graphs) == 2
+
+
+def test_sim_request_outside_the_profile_fails_before_running(sim):
+    unet = trt_backend.TensorRTBackend().load(sim.dir, sim.manifest, ("unet",))["unet"]
+    with pytest.raises(ValueError, match=r"unet: 2 rows at 192x192 px is outside .* --max-size 192"):
+        unet.infer(_unet_feeds(2, 192))
+    with pytest.raises(ValueError, match="--max-batch 3"):
+        unet.infer(_unet_feeds(6, 64))
+    with pytest.raises(TypeError, match="expected dtype float32"):
+        unet.infer({**_unet_feeds(2, 64), "timestep": np.zeros(2, np.float64)})
+    assert sim.trt.deserialized[0].launches == 0 and not sim.trt.deserialized[0].contexts
+
+
+def test_sim_stale_or_foreign_plans_are_refused_before_deserializing(sim):
+    sim.manifest.components["unet"]["engines"]["tensorrt"].update(tensorrt_version="10.3.0.26", gpu="NVIDIA A100",
+                                                                 compute_capability="8.0")
+    (sim.dir / "vae_encoder.plan").unlink()
+    with pytest.raises(EngineDirError) as info:
+        trt_backend.TensorRTBackend().load(sim.dir, sim.manifest, COMPONENTS)
+    assert str(info.value) == (
+        f"unet.plan was built for TensorRT 10.3.0.26 on NVIDIA A100 (sm_80); this machine has TensorRT 10.8.0.43 on "
+        f"Sim GPU (sm_90): rebuild with `rtsd export --rebuild {sim.dir} --backend tensorrt` (and 1 more plan(s))")
+    assert sim.trt.deserialized == []
+    sim.manifest.components["unet"]["engines"]["tensorrt"].update(tensorrt_version="10.8.0.43", gpu="Sim GPU",
+                                                                 compute_capability="9.0")
+    (sim.dir / "unet.plan").write_text("unet:corrupt")
+    with pytest.raises(EngineDirError, match="could not load unet.plan .* rebuild with"):
+        trt_backend.TensorRTBackend().load(sim.dir, sim.manifest, ("unet",))
+
+
+def test_sim_non_finite_vae_output_switches_to_the_fp32_plan(sim):
+    backend = trt_backend.TensorRTBackend()
+    vae = backend.load(sim.dir, sim.manifest, ("vae_decoder",))["vae_decoder"]
+    latent = np.full((1, 4, 8, 8), 0.25, np.float32)
+    with pytest.warns(RuntimeWarning, match="switching to vae_decoder.fp32.plan"):
+        images = vae.infer({"latent": latent})["images"]
+    assert images.shape == (1, 3, 64, 64) and np.all(images == 0.25)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.all(vae.infer({"latent": latent})["images"] == 0.25)  # stays on the fp32 plan, no new warning
+    del sim.manifest.components["vae_decoder"]["engines"]["tensorrt"]["fallback"]
+    vae = trt_backend.TensorRTBackend().load(sim.dir, sim.manifest, ("vae_decoder",))["vae_decoder"]
+    with pytest.raises(trt_backend.NonFiniteOutputError, match=r"vae_decoder \(fp16\) produced non-finite .*--fp32-vae"):
+        vae.infer({"latent": latent})

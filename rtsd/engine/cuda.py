@@ -17,14 +17,18 @@ import numpy as np
 
 from rtsd.errors import MissingDependencyError, RtsdError
 
-INSTALL_HINT = "pip install 'rtsd[tensorrt]' (TensorRT, CuPy and cuda-python; needs an NVIDIA GPU and its driver)"
+INSTALL_HINT = "pip install 'rtsd[tensorrt]' (TensorRT 10 and CuPy; needs an NVIDIA GPU and its driver)"
 
 
 class GpuDependencyError(MissingDependencyError):
     """A GPU-side package (tensorrt, cupy) is missing; one line with the install command."""
 
-    def __init__(self, package: str, purpose: str):
-        RtsdError.__init__(self, f"{purpose} needs '{package}', which is not installed: {INSTALL_HINT}")
+    def __init__(self, package: str, purpose: str, found: str | None = None):
+        if found is None:
+            message = f"{purpose} needs '{package}', which is not installed: {INSTALL_HINT}"
+        else:
+            message = f"{purpose} needs {package}, this machine has {found}: pip install '{package}'"
+        RtsdError.__init__(self, message)
         self.package, self.extra = package, "tensorrt"
 
 

@@ -37,6 +37,9 @@ from rtsd.export.manifest import Manifest
 from rtsd.export.specs import IOSpec
 
 MIN_TENSORRT = (10, 1)  # device_memory_size_v2 and set_device_memory(memory, size) arrived in 10.1
+# TensorRT 11 removed weak typing (BuilderFlag.FP16, per-layer precision) that the builder's fp16 policy relies on.
+BELOW_TENSORRT = (11, 0)
+TENSORRT_REQUIREMENT = "tensorrt>=10.1,<11"
 MAX_GRAPH_SHAPES = 8
 SIZE_STEP = 64  # export flags are suggested in multiples of this (ShapeRange's default size_multiple)
 
@@ -52,9 +55,8 @@ def import_tensorrt(purpose: str):
     except ImportError:
         raise GpuDependencyError("tensorrt", purpose) from None
     version = tuple(int(p) for p in tensorrt.__version__.split(".")[:2] if p.isdigit())
-    if version < MIN_TENSORRT:
-        raise GpuDependencyError(f"tensorrt>={'.'.join(map(str, MIN_TENSORRT))} (found {tensorrt.__version__})",
-                                 purpose)
+    if not MIN_TENSORRT <= version < BELOW_TENSORRT:
+        raise GpuDependencyError(TENSORRT_REQUIREMENT, purpose, found=f"TensorRT {tensorrt.__version__}")
     return tensorrt
 
 
@@ -203,6 +205,11 @@ class TensorRTEngine:
         return self._buffers.allocations
 
     @property
+    def activation_bytes(self) -> int:
+        """Activation memory this engine needs (it uses the backend's shared block)."""
+        return int(self._engine.device_memory_size_v2)
+
+    @property
     def graphs(self) -> GraphCache | None:
         return self._graphs
 
@@ -327,7 +334,7 @@ class TensorRTBackend:
 
     def __init__(self, *, cuda_graphs: tuple[str, ...] = ("unet",), check_finite: tuple[str, ...] = ("vae_decoder",),
                  device: int = 0):
-        purpose = "the TensorRT backend"
+        purpose = "The TensorRT backend"
         self.trt = import_tensorrt(purpose)
         self.xp, gpu_name, capability = cuda_device(purpose, device)
         self.xp.cuda.Device(device).use()

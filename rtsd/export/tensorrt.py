@@ -97,8 +97,8 @@ def _score_path(softmax: LayerInfo, producer: Mapping[str, LayerInfo], max_depth
 
 def require_tensorrt() -> None:
     """Fail fast (before minutes of ONNX export) when TensorRT, CuPy or a GPU is missing."""
-    import_tensorrt("building TensorRT engines")
-    cuda_device("building TensorRT engines")
+    import_tensorrt("Building TensorRT engines")
+    cuda_device("Building TensorRT engines")
 
 
 def build_engines(engine_dir: str | Path, manifest: Manifest, *, components: Iterable[str] = COMPONENTS,
@@ -122,8 +122,8 @@ def build_engines(engine_dir: str | Path, manifest: Manifest, *, components: Ite
     if not 0 <= optimization_level <= 5:
         raise ValueError(f"optimization_level={optimization_level} must be 0..5 (TensorRT's builder levels)")
     say = progress or (lambda message: None)
-    trt = import_tensorrt("building TensorRT engines")
-    _, gpu_name, capability = cuda_device("building TensorRT engines")
+    trt = import_tensorrt("Building TensorRT engines")
+    _, gpu_name, capability = cuda_device("Building TensorRT engines")
     host = HostInfo(trt.__version__, gpu_name, capability)
     builder = _Builder(trt, engine_dir, optimization_level, timing_cache)
 
