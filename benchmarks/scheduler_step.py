@@ -107,18 +107,25 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in available():
         ours = statistics.median(time_rtsd(name, args.steps, args.repeats, model_output, x0))
-        theirs = statistics.median(time_diffusers(name, args.steps, args.repeats, model_output, x0)) if torch_info else None
+        theirs = (
+            statistics.median(time_diffusers(name, args.steps, args.repeats, model_output, x0)) if torch_info else None
+        )
         rows.append({"algorithm": name, "rtsd_us": ours, "diffusers_us": theirs})
     noise_us = statistics.median(time_noise(args.steps * args.repeats))
 
-    print(f"step() host cost, {'x'.join(map(str, SHAPE))} float32, {args.steps} steps x {args.repeats} loops, median us")
+    print(
+        f"step() host cost, {'x'.join(map(str, SHAPE))} float32, {args.steps} steps x {args.repeats} loops, median us"
+    )
     print(f"{'algorithm':<14}{'rtsd':>10}{'diffusers':>12}{'diffusers/rtsd':>16}")
     for row in rows:
         theirs = row["diffusers_us"]
         ratio = f"{theirs / row['rtsd_us']:.2f}x" if theirs else "-"
-        print(f"{row['algorithm']:<14}{row['rtsd_us']:>10.1f}{theirs if theirs is None else round(theirs, 1):>12}{ratio:>16}")
+        theirs_text = "-" if theirs is None else f"{theirs:.1f}"
+        print(f"{row['algorithm']:<14}{row['rtsd_us']:>10.1f}{theirs_text:>12}{ratio:>16}")
     print(f"{'(noise draw)':<14}{noise_us:>10.1f}{'':>12}{'':>16}   rng.standard_normal for stochastic rtsd steps")
-    print(f"numpy {np.__version__}; {torch_info or 'torch not installed'}; {platform.processor() or platform.machine()}")
+    print(
+        f"numpy {np.__version__}; {torch_info or 'torch not installed'}; {platform.processor() or platform.machine()}"
+    )
 
     if args.json:
         args.json.write_text(

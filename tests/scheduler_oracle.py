@@ -156,14 +156,17 @@ class Comparison:
         if np.issubdtype(self.reference.timesteps.dtype, np.integer) or not self.fractional_timesteps:
             np.testing.assert_array_equal(self.ours.timesteps, self.reference.timesteps)
         else:
-            # Karras timesteps come from sigma_to_t on the train sigmas, whose last bit follows torch.linspace's
-            # rounding of the betas (1 float32 ulp off NumPy's for some entries), amplified up to ~4e-7 near t=0: allow 1e-6.
+            # Karras timesteps come from sigma_to_t on the train sigmas, whose last bits follow torch's float32
+            # rounding (linspace, sqrt: 1 ulp off NumPy's for some entries), amplified to ~4e-7 near t=0: allow 1e-6.
             np.testing.assert_allclose(self.ours.timesteps, self.reference.timesteps, rtol=1e-6, atol=0)
         assert self.ours.timesteps.dtype == self.reference.timesteps.dtype, (
-            self.ours.timesteps.dtype, self.reference.timesteps.dtype
+            self.ours.timesteps.dtype,
+            self.reference.timesteps.dtype,
         )
         assert len(self.ours.samples) == len(self.reference.samples)
-        assert abs(self.ours.init_noise_sigma - self.reference.init_noise_sigma) <= 1e-6 * self.reference.init_noise_sigma
+        assert (
+            abs(self.ours.init_noise_sigma - self.reference.init_noise_sigma) <= 1e-6 * self.reference.init_noise_sigma
+        )
         for sample in self.ours.samples:
             assert sample.dtype == np.float32 and np.isfinite(sample).all()
         errors = self.step_errors

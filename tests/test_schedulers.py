@@ -36,7 +36,9 @@ def _cases(names):
         for prediction_type in scheduler_class(name).prediction_types:
             for spacing in SPACINGS:
                 for steps in (10, 30):
-                    yield pytest.param(name, prediction_type, spacing, steps, id=f"{name}-{prediction_type}-{spacing}-{steps}")
+                    yield pytest.param(
+                        name, prediction_type, spacing, steps, id=f"{name}-{prediction_type}-{spacing}-{steps}"
+                    )
 
 
 def _options(name, prediction_type, spacing, **extra):
@@ -86,16 +88,22 @@ def test_options_match_diffusers(name, options):
 
 
 @pytest.mark.parametrize("name", ALGORITHMS)
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("steps", [1, 2])
+def test_one_and_two_step_loops_match_diffusers(name, spacing, steps):
+    compare_loops(name, steps, _options(name, "epsilon", spacing)).assert_match(1e-5)
+
+
+@pytest.mark.parametrize("name", ALGORITHMS)
 def test_defaults_are_the_diffusers_class_defaults(name):
     # An option left out means what diffusers' own default means (PNDM: see REQUIRED).
     compare_loops(name, 20, REQUIRED.get(name, {})).assert_match(1e-5)
 
 
-@pytest.mark.parametrize("name", ALGORITHMS)
+# lms deliberately differs from diffusers on img2img: see test_lms_img2img_first_step_is_euler.
+@pytest.mark.parametrize("name", [name for name in ALGORITHMS if name != "lms"])
 @pytest.mark.parametrize("start_index", [2, 5])
 def test_img2img_loop_matches_diffusers(name, start_index):
-    if name == "lms":
-        pytest.skip("lms deliberately differs on img2img: see test_lms_img2img_first_step_is_euler")
     # diffusers' img2img pipelines start at t_start * order (Heun: the first half of a step).
     start = start_index * scheduler_class(name).order
     compare_loops(name, 10, SD | REQUIRED.get(name, {}), start_index=start).assert_match(1e-5)
@@ -130,7 +138,9 @@ def test_zero_terminal_snr_matches_diffusers(name, steps):
 @pytest.mark.parametrize("schedule", base.BETA_SCHEDULES)
 def test_zero_snr_table_matches_diffusers(schedule):
     ours = base.TrainSchedule(beta_start=0.00085, beta_end=0.012, beta_schedule=schedule, rescale_betas_zero_snr=True)
-    ref = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule=schedule, rescale_betas_zero_snr=True)
+    ref = diffusers.DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule=schedule, rescale_betas_zero_snr=True
+    )
     abar, ref_abar = ours.alphas_cumprod(), ref.alphas_cumprod.numpy()
     assert abar[-1] == 0 and ref_abar[-1] == 0
     np.testing.assert_allclose(abar, ref_abar, rtol=0, atol=1e-6)
@@ -175,7 +185,9 @@ def test_karras_sigmas_and_sigma_to_t():
     sigmas = base.karras_sigmas(0.03, 14.6, 12)
     assert sigmas[0] == pytest.approx(14.6) and sigmas[-1] == pytest.approx(0.03)
     assert np.all(np.diff(sigmas) < 0)
-    train = base.sigmas_from(base.TrainSchedule(**{k: v for k, v in SD.items() if k != "steps_offset"}).alphas_cumprod())
+    train = base.sigmas_from(
+        base.TrainSchedule(**{k: v for k, v in SD.items() if k != "steps_offset"}).alphas_cumprod()
+    )
     log_sigmas = np.log(train)
     # A train sigma maps back to its own integer timestep; between two, linearly in log sigma.
     np.testing.assert_allclose(base.sigma_to_t(train[[0, 10, 500, 999]], log_sigmas), [0, 10, 500, 999], atol=1e-4)
@@ -285,19 +297,43 @@ def test_options_of_lists_config_keys():
         (lambda: create("ddim", 0), r"num_inference_steps must be between 1 and num_train_timesteps=1000, got 0"),
         (lambda: create("euler", 1001), r"between 1 and num_train_timesteps=1000, got 1001"),
         (lambda: create("ddim", 2.5), r"num_inference_steps must be an int"),
-        (lambda: create("ddim", 10, etaa=0.1), r"unknown option\(s\) \['etaa'\] for scheduler 'ddim'; allowed options are \[.*'eta'"),
+        (
+            lambda: create("ddim", 10, etaa=0.1),
+            r"unknown option\(s\) \['etaa'\] for scheduler 'ddim'; allowed options are \[.*'eta'",
+        ),
         (lambda: create("pndm", 10, rescale_betas_zero_snr=True), r"unknown option.*allowed options"),
-        (lambda: create("ddim", 10, prediction_type="x0"), r"prediction_type 'x0'; allowed values are 'epsilon', 'v_prediction', 'sample'"),
-        (lambda: create("euler_a", 10, prediction_type="sample"), r"euler_a does not support prediction_type 'sample'; allowed values are 'epsilon', 'v_prediction'"),
-        (lambda: create("ddim", 10, timestep_spacing="even"), r"timestep_spacing 'even'; allowed values are 'leading', 'trailing', 'linspace'"),
-        (lambda: create("ddim", 10, beta_schedule="cosine"), r"beta_schedule 'cosine'; allowed values are 'linear', 'scaled_linear', 'squaredcos_cap_v2'"),
+        (
+            lambda: create("ddim", 10, prediction_type="x0"),
+            r"prediction_type 'x0'; allowed values are 'epsilon', 'v_prediction', 'sample'",
+        ),
+        (
+            lambda: create("euler_a", 10, prediction_type="sample"),
+            r"euler_a does not support prediction_type 'sample'; allowed values are 'epsilon', 'v_prediction'",
+        ),
+        (
+            lambda: create("ddim", 10, timestep_spacing="even"),
+            r"timestep_spacing 'even'; allowed values are 'leading', 'trailing', 'linspace'",
+        ),
+        (
+            lambda: create("ddim", 10, beta_schedule="cosine"),
+            r"beta_schedule 'cosine'; allowed values are 'linear', 'scaled_linear', 'squaredcos_cap_v2'",
+        ),
         (lambda: create("ddim", 10, beta_start=0.1, beta_end=0.01), r"need 0 < beta_start <= beta_end < 1"),
         (lambda: create("ddim", 10, eta=-1), r"eta must be >= 0"),
-        (lambda: create("ddpm", 10, variance_type="learned"), r"variance_type 'learned'; allowed values are 'fixed_small'"),
+        (
+            lambda: create("ddpm", 10, variance_type="learned"),
+            r"variance_type 'learned'; allowed values are 'fixed_small'",
+        ),
         (lambda: create("pndm", 10, skip_prk_steps=False), r"only skip_prk_steps=True"),
-        (lambda: create("euler", 10, final_sigmas_type="one"), r"final_sigmas_type 'one'; allowed values are 'zero', 'sigma_min'"),
+        (
+            lambda: create("euler", 10, final_sigmas_type="one"),
+            r"final_sigmas_type 'one'; allowed values are 'zero', 'sigma_min'",
+        ),
         (lambda: create("lcm", 60), r"num_inference_steps=60 must be <= original_inference_steps=50"),
-        (lambda: create("ddim", 10, trained_betas=[0.1] * 3), r"trained_betas must hold num_train_timesteps=1000 values"),
+        (
+            lambda: create("ddim", 10, trained_betas=[0.1] * 3),
+            r"trained_betas must hold num_train_timesteps=1000 values",
+        ),
     ],
 )
 def test_bad_options_raise_value_error_naming_allowed_values(call, message):

@@ -49,15 +49,14 @@ _REGISTRY: dict[str, tuple[str, str, str]] = {
 # Keys of diffusers' scheduler configs that belong to *other* scheduler classes. diffusers' from_config ignores a
 # class's foreign keys (SD 1.x ships a PNDMScheduler config that users load into Euler), and so do we.
 _FOREIGN_DIFFUSERS_KEYS = frozenset(
-    {
-        "algorithm_type", "clip_sample", "clip_sample_range", "disable_corrector", "dynamic_thresholding_ratio",
-        "euler_at_final", "final_sigmas_type", "flow_shift", "interpolation_type", "lambda_min_clipped",
-        "lower_order_final", "noise_sampler_seed", "original_inference_steps", "predict_x0", "sample_max_value",
-        "set_alpha_to_one", "sigma_max", "sigma_min", "skip_prk_steps", "solver_order", "solver_p", "solver_type",
-        "thresholding", "time_shift_type", "timestep_scaling", "timestep_type", "use_beta_sigmas",
-        "use_dynamic_shifting", "use_exponential_sigmas", "use_flow_sigmas", "use_karras_sigmas", "use_lu_lambdas",
-        "variance_type", "rescale_betas_zero_snr", "steps_offset", "timestep_spacing",
-    }
+    """
+    algorithm_type clip_sample clip_sample_range disable_corrector dynamic_thresholding_ratio euler_at_final
+    final_sigmas_type flow_shift interpolation_type lambda_min_clipped lower_order_final noise_sampler_seed
+    original_inference_steps predict_x0 rescale_betas_zero_snr sample_max_value set_alpha_to_one sigma_max sigma_min
+    skip_prk_steps solver_order solver_p solver_type steps_offset thresholding time_shift_type timestep_scaling
+    timestep_spacing timestep_type use_beta_sigmas use_dynamic_shifting use_exponential_sigmas use_flow_sigmas
+    use_karras_sigmas use_lu_lambdas variance_type
+    """.split()
 )
 
 
@@ -93,9 +92,7 @@ def create(name: str, num_inference_steps: int, **options: Any) -> Scheduler:
     return cls(num_inference_steps, schedule, **{k: v for k, v in options.items() if k in algorithm_keys})
 
 
-def create_from_diffusers_config(
-    name_or_class: str, config: Mapping[str, Any], num_inference_steps: int
-) -> Scheduler:
+def create_from_diffusers_config(name_or_class: str, config: Mapping[str, Any], num_inference_steps: int) -> Scheduler:
     """Build from a diffusers scheduler_config.json dict, read for the algorithm ``name_or_class``.
 
     Bookkeeping keys (``_class_name``, ``_diffusers_version``, ...) and keys of other diffusers scheduler classes are

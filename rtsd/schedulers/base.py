@@ -336,7 +336,9 @@ class Scheduler:
         """Noise a clean sample to the level the loop expects at index i (img2img); does not touch the loop state."""
         self._check_range(i)
         if original.shape != noise.shape:
-            raise ValueError(f"add_noise: noise shape {tuple(noise.shape)} must equal original shape {tuple(original.shape)}")
+            raise ValueError(
+                f"add_noise: noise shape {tuple(noise.shape)} must equal original shape {tuple(original.shape)}"
+            )
         return self._add_noise(original, noise, int(i))
 
     # --- for subclasses ---------------------------------------------------------------------------------------
@@ -352,18 +354,15 @@ class Scheduler:
         abar = float(self.alphas_cumprod[int(self.timesteps[i])])
         return abar**0.5 * original + (1 - abar) ** 0.5 * noise
 
-    def alpha_sigma(self, t: int) -> tuple[float, float]:
-        """(sqrt(abar_t), sqrt(1 - abar_t)) for train timestep t, as Python floats."""
-        abar = float(self.alphas_cumprod[t])
-        return abar**0.5, (1 - abar) ** 0.5
-
     # --- checks -----------------------------------------------------------------------------------------------
 
     def _check_range(self, i: int) -> None:
         if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
             raise ValueError(f"{self.name}: the step index must be an int index into timesteps, got {i!r}")
         if not 0 <= i < len(self.timesteps):
-            raise ValueError(f"{self.name}: step index {i} is out of range; valid indices are 0..{len(self.timesteps) - 1}")
+            raise ValueError(
+                f"{self.name}: step index {i} is out of range; valid indices are 0..{len(self.timesteps) - 1}"
+            )
 
     def _check_index(self, i: int) -> None:
         self._check_range(i)
@@ -382,7 +381,9 @@ class Scheduler:
             if noise is None:
                 raise ValueError(f"{self.name} is stochastic: pass noise=<array of shape {tuple(x.shape)}> to step")
             if noise.shape != x.shape:
-                raise ValueError(f"{self.name}: noise shape {tuple(noise.shape)} must equal sample shape {tuple(x.shape)}")
+                raise ValueError(
+                    f"{self.name}: noise shape {tuple(noise.shape)} must equal sample shape {tuple(x.shape)}"
+                )
         elif noise is not None:
             raise ValueError(f"{self.name} is deterministic (stochastic=False): pass noise=None to step")
 

@@ -38,7 +38,9 @@ class DDIM(Scheduler):
         self.clip_sample_range = float(clip_sample_range)
         self.use_clipped_model_output = bool(use_clipped_model_output)
         s = self.schedule
-        self.timesteps = spaced_timesteps(s.timestep_spacing, num_inference_steps, s.num_train_timesteps, s.steps_offset)
+        self.timesteps = spaced_timesteps(
+            s.timestep_spacing, num_inference_steps, s.num_train_timesteps, s.steps_offset
+        )
         self.timesteps = self.timesteps.astype(np.int64)
         self.final_alpha_cumprod = 1.0 if set_alpha_to_one else float(self.alphas_cumprod[0])
         self.init_noise_sigma = 1.0

@@ -33,7 +33,9 @@ class DDPM(Scheduler):
         self.clip_sample = bool(clip_sample)
         self.clip_sample_range = float(clip_sample_range)
         s = self.schedule
-        self.timesteps = spaced_timesteps(s.timestep_spacing, num_inference_steps, s.num_train_timesteps, s.steps_offset)
+        self.timesteps = spaced_timesteps(
+            s.timestep_spacing, num_inference_steps, s.num_train_timesteps, s.steps_offset
+        )
         self.timesteps = self.timesteps.astype(np.int64)
         self.init_noise_sigma = 1.0
 

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from rtsd.schedulers.base import SchedulerError, SigmaScheduler, TrainSchedule, denoised_from_sigma_prediction, discrete_sigma_timesteps
+from rtsd.schedulers.base import (
+    SchedulerError,
+    SigmaScheduler,
+    TrainSchedule,
+    denoised_from_sigma_prediction,
+    discrete_sigma_timesteps,
+)
 
 FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
 

@@ -45,7 +45,9 @@ class Heun(SigmaScheduler):
         first_order = self.pending is None
         if first_order:
             if i % 2 == 1:
-                raise ValueError(f"heun: index {i} is the correction half of a step; a loop must start at an even index")
+                raise ValueError(
+                    f"heun: index {i} is the correction half of a step; a loop must start at an even index"
+                )
             sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
         else:
             sigma, sigma_next = float(self.sigmas[i - 1]), float(self.sigmas[i])

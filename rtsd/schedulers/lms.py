@@ -15,7 +15,7 @@ _GAUSS_NODES, _GAUSS_WEIGHTS = np.polynomial.legendre.leggauss(4)
 
 
 def lms_coefficient(sigmas: np.ndarray, i: int, order: int, j: int) -> float:
-    """Integral over [sigmas[i], sigmas[i+1]] of the Lagrange basis polynomial of node sigmas[i-j] (nodes i..i-order+1)."""
+    """Integral over [sigmas[i], sigmas[i+1]] of the Lagrange basis polynomial of node i-j (nodes i .. i-order+1)."""
     nodes = [float(sigmas[i - k]) for k in range(order)]
     a, b = float(sigmas[i]), float(sigmas[i + 1])
     tau = (b - a) / 2 * _GAUSS_NODES + (a + b) / 2
@@ -33,7 +33,9 @@ class LMS(SigmaScheduler):
     unsupported_train_fields = ("rescale_betas_zero_snr",)
     fixed_diffusers_keys = {"use_exponential_sigmas": False, "use_beta_sigmas": False}
 
-    def __init__(self, num_inference_steps: int, schedule: TrainSchedule | None = None, *, use_karras_sigmas: bool = False):
+    def __init__(
+        self, num_inference_steps: int, schedule: TrainSchedule | None = None, *, use_karras_sigmas: bool = False
+    ):
         super().__init__(num_inference_steps, schedule)
         self.timesteps, sigmas = discrete_sigma_timesteps(
             self.schedule, self.alphas_cumprod, num_inference_steps, use_karras_sigmas
