@@ -217,7 +217,7 @@ def test_support_lists_are_consistent():
 
 
 def test_check_graph_reports_what_the_parser_would_reject():
-    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnx")
     from onnx import TensorProto, helper
 
     nodes = [
@@ -353,8 +353,8 @@ def test_missing_cupy_old_tensorrt_and_no_gpu_are_named(monkeypatch):
 
     for version in ("8.6.1", "11.4.0"):
         monkeypatch.setitem(sys.modules, "tensorrt", _fake_module("tensorrt", __version__=version))
-        with pytest.raises(MissingDependencyError, match=rf"needs tensorrt>=10.1,<11, this machine has TensorRT {version}: "
-                                                              r"pip install 'tensorrt>=10.1,<11'$"):
+        expected = rf"needs tensorrt>=10.1,<11, this machine has TensorRT {version}: pip install 'tensorrt>=10.1,<11'$"
+        with pytest.raises(MissingDependencyError, match=expected):
             TensorRTBackend()
 
 
@@ -383,7 +383,8 @@ def test_buffers_grow_only_and_are_reused():
     assert buffers.allocations == 3 and buffers.nbytes % GrowOnlyBuffers.ALIGN == 0
     half = buffers.view("sample", (2, 4, 64, 64), np.float16)  # another dtype reuses the same bytes
     half[...] = 1.5
-    assert buffers.allocations == 3 and float(buffers.view("sample", (2, 4, 64, 64), np.float16).sum()) == 1.5 * half.size
+    assert buffers.allocations == 3
+    assert float(buffers.view("sample", (2, 4, 64, 64), np.float16).sum()) == 1.5 * half.size
 
 
 class _FakeStream:
@@ -563,7 +564,7 @@ def test_scheduler_step_on_array_api_strict_equals_numpy(name):
     np.testing.assert_array_equal(np.asarray(device), _run_loop(name, lambda a: a, **options))
 
 
-# ---------------------------------------------------------------- the backend's control flow against a simulated TensorRT
+# ---------------------------------------------------------------- the backend against a simulated TensorRT
 #
 # A stand-in for TensorRT + CuPy on the CPU: "device" buffers are NumPy memory; a context reads its inputs from and
 # writes its outputs to the raw addresses bound with set_tensor_address (so a stale binding gives wrong numbers);
@@ -681,7 +682,8 @@ class _SimEngine:
     def __init__(self, name, overflow=False):
         self.spec, self.launches, self.runs, self.contexts = SPECS[name], 0, 0, []
         self.profile = {n: {k: tuple(v) for k, v in c.items()} for n, c in engine_profile(self.spec, SIM_RANGE).items()}
-        self.device_memory_size_v2 = {"text_encoder": 1000, "unet": 5000, "vae_decoder": 3000, "vae_encoder": 2000}[name]
+        memory = {"text_encoder": 1000, "unet": 5000, "vae_decoder": 3000, "vae_encoder": 2000}
+        self.device_memory_size_v2 = memory[name]
         self.names = [t.name for t in self.spec.inputs + self.spec.outputs]
         self.num_io_tensors = len(self.names)
         self.overflow, self.name = overflow, name
@@ -840,5 +842,5 @@ def test_sim_non_finite_vae_output_switches_to_the_fp32_plan(sim):
         assert np.all(vae.infer({"latent": latent})["images"] == 0.25)  # stays on the fp32 plan, no new warning
     del sim.manifest.components["vae_decoder"]["engines"]["tensorrt"]["fallback"]
     vae = trt_backend.TensorRTBackend().load(sim.dir, sim.manifest, ("vae_decoder",))["vae_decoder"]
-    with pytest.raises(trt_backend.NonFiniteOutputError, match=r"vae_decoder \(fp16\) produced non-finite .*--fp32-vae"):
+    with pytest.raises(trt_backend.NonFiniteOutputError, match=r"vae_decoder \(fp16\) produced non-finite .*fp32-vae"):
         vae.infer({"latent": latent})
