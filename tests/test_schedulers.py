@@ -385,3 +385,62 @@ def test_train_schedule_is_frozen_and_validated():
         base.TrainSchedule(steps_offset=-1)
     with pytest.raises(ValueError, match=r"num_train_timesteps must be >= 2"):
         base.TrainSchedule(num_train_timesteps=1)
+
+
+# --- device-array readiness -------------------------------------------------------------------------------------
+
+
+class OperatorOnlyArray:
+    """A sample array offering only what CuPy arrays share with NumPy's: operators, .clip, .shape, .dtype.
+
+    Any NumPy function applied to it fails (no __array__, ufuncs refused), so a loop that runs with it proves the
+    step code uses the array's own operators only.
+    """
+
+    __array_ufunc__ = None
+
+    def __init__(self, data: np.ndarray):
+        self.data = data
+
+    shape = property(lambda self: self.data.shape)
+    dtype = property(lambda self: self.data.dtype)
+
+    def __array__(self, *args, **kwargs):
+        raise TypeError("a NumPy function was called on a sample array")
+
+    def clip(self, lo, hi):
+        return OperatorOnlyArray(self.data.clip(lo, hi))
+
+    def __neg__(self):
+        return OperatorOnlyArray(-self.data)
+
+
+def _operator(name):
+    def op(self, other):
+        other = other.data if isinstance(other, OperatorOnlyArray) else other
+        assert isinstance(other, (int, float)) or type(other) is np.ndarray, f"{name} with {type(other)}"
+        return OperatorOnlyArray(getattr(self.data, name)(other))
+
+    return op
+
+
+for _name in ("add", "radd", "sub", "rsub", "mul", "rmul", "truediv", "rtruediv", "pow"):
+    setattr(OperatorOnlyArray, f"__{_name}__", _operator(f"__{_name}__"))
+
+
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_step_code_uses_only_array_operators(name):
+    clipping = {"clip_sample": True} if name in ("ddim", "ddpm", "heun", "lcm") else {}
+    options = SD | REQUIRED.get(name, {}) | clipping
+    plain, wrapped = create(name, 8, **options), create(name, 8, **options)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal(SHAPE, dtype=np.float32) * plain.init_noise_sigma
+    y = OperatorOnlyArray(x)
+    for i in range(len(plain.timesteps)):
+        noise = rng.standard_normal(SHAPE, dtype=np.float32) if plain.stochastic else None
+        out = model_fn(plain.scale_model_input(x, i), float(plain.timesteps[i]))
+        x = plain.step(out, i, x, noise=noise)
+        assert isinstance(wrapped.scale_model_input(y, i), OperatorOnlyArray)
+        y = wrapped.step(OperatorOnlyArray(out), i, y, noise=None if noise is None else OperatorOnlyArray(noise))
+    assert isinstance(y, OperatorOnlyArray)
+    np.testing.assert_array_equal(y.data, x)
