@@ -149,12 +149,9 @@ def _info(args) -> int:
 
         info = Manifest.read(args.path).to_dict()
     else:
-        from rtsd.checkpoint import open_checkpoint, read_prediction_type, summarize
+        from rtsd.checkpoint import open_checkpoint, summarize
 
         info = summarize(open_checkpoint(args.path))
-        from_yaml = read_prediction_type(args.path)
-        info["prediction_type"] = from_yaml or "epsilon (default: weights cannot tell; a YAML beside the checkpoint " \
-                                               "or --prediction-type decides at export)"
     if args.json:
         print(json.dumps(info, indent=2, default=str))
     else:

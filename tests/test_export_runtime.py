@@ -1,0 +1,248 @@
+"""Export -> engine directory -> ONNX Runtime engines -> Runtime.generate, on the tiny preset (issue 4).
+
+Oracles: the PyTorch reference for per-engine parity, and diffusers' StableDiffusion pipelines (through diffusers'
+own converters, tests/diffusers_oracle.py) for whole generations.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rtsd.cli import main
+from rtsd.errors import EngineDirError
+from rtsd.export.manifest import Manifest
+from rtsd.export.parity import FP32_MAX_REL_L2, compare, psnr
+from rtsd.export.pipeline import export
+from rtsd.export.specs import COMPONENTS, ShapeRange
+from rtsd.models import load_checkpoint
+from rtsd.models.synthetic import write_checkpoint
+from rtsd.runtime import Runtime
+from tests.diffusers_oracle import diffusers_pipeline, diffusers_scheduler
+
+RANGE = ShapeRange(min_size=128, max_size=256, opt_size=128, max_batch=2)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors", preset="tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def engine_dir(checkpoint, tmp_path_factory):
+    return export(checkpoint, tmp_path_factory.mktemp("out") / "engines", shape_range=RANGE, progress=None)
+
+
+@pytest.fixture(scope="module")
+def runtime(engine_dir):
+    return Runtime(engine_dir, backend="onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    return load_checkpoint(checkpoint, dtype=torch.float32, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def state_dict(checkpoint):
+    from safetensors.torch import load_file
+
+    return load_file(str(checkpoint))
+
+
+def test_engine_dir_is_complete_and_self_describing(engine_dir, checkpoint):
+    manifest = Manifest.read(engine_dir)
+    manifest.check_files(engine_dir)
+    assert manifest.source["sha256"] == __import__("hashlib").sha256(checkpoint.read_bytes()).hexdigest()
+    assert manifest.model.family == "sd1" and manifest.shape_range == RANGE
+    assert manifest.components["unet"]["profile"]["sample"]["max"] == [4, 4, 32, 32]
+    assert (engine_dir / "tokenizer" / "tokenizer.json").is_file()
+    assert not [p for p in engine_dir.parent.iterdir() if p.name.startswith(".")], "temporary export dirs left behind"
+    import onnx
+
+    for name in COMPONENTS:
+        onnx.checker.check_model(str(engine_dir / f"{name}.onnx"))
+
+
+@pytest.mark.parametrize("images,height,width", [(1, 128, 128), (2, 128, 192), (1, 256, 128)])
+def test_onnxruntime_engines_match_the_reference(runtime, reference, images, height, width):
+    torch_runtime = Runtime.from_reference(reference)
+    for name in COMPONENTS:
+        spec = runtime.engines[name].spec
+        feeds = spec.sample_inputs(images * spec.batch_factor, height, width, seed=height + width)
+        ours = runtime.engines[name].infer(feeds)[spec.outputs[0].name]
+        ref = torch_runtime.engines[name].to_host(torch_runtime.engines[name].infer(feeds)[spec.outputs[0].name])
+        metrics = compare(ours, ref)
+        assert metrics.rel_l2 < FP32_MAX_REL_L2, (name, metrics)
+        assert float(np.std(ref)) > 1e-3, f"{name}: degenerate reference output"
+
+
+@pytest.mark.parametrize("scheduler,options", [
+    ("ddim", {"set_alpha_to_one": False, "clip_sample": False}),
+    ("euler", {}),
+    ("dpmpp_2m", {"use_karras_sigmas": True}),
+])
+@pytest.mark.parametrize("guidance", [7.5, 1.0])
+def test_generate_matches_diffusers_pipeline(runtime, state_dict, engine_dir, scheduler, options, guidance):
+    config = runtime.config
+    latents = np.random.default_rng(3).standard_normal((1, 4, 16, 24), dtype=np.float32)
+    prompt, negative = "a red fox in the snow, highly detailed", "blurry"
+    ours = runtime.generate(prompt, negative, steps=8, guidance_scale=guidance, height=128, width=192,
+                            scheduler=scheduler, scheduler_options=options, latents=latents).images[0]
+    pipe = diffusers_pipeline(state_dict, config, engine_dir / "tokenizer", diffusers_scheduler(scheduler, config, **options))
+    with torch.inference_mode():
+        theirs = pipe(prompt, negative_prompt=negative, num_inference_steps=8, guidance_scale=guidance, height=128,
+                      width=192, latents=torch.from_numpy(latents), output_type="np").images[0]
+    value = psnr(np.asarray(ours, np.float64) / 255, theirs)
+    assert value > 40, f"{scheduler} cfg={guidance}: PSNR {value:.1f} dB"
+
+
+def test_img2img_matches_diffusers_pipeline(runtime, state_dict, engine_dir, monkeypatch):
+    import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img as img2img
+
+    config = runtime.config
+    init = Image.fromarray(np.random.default_rng(5).integers(0, 256, (128, 128, 3), dtype=np.uint8))
+    noise = np.random.default_rng(6).standard_normal((1, 4, 16, 16), dtype=np.float32)
+    ours = runtime.generate("a castle", steps=10, guidance_scale=5.0, height=128, width=128, scheduler="euler",
+                            latents=noise, image=init, strength=0.6).images[0]
+    # rtsd encodes to the posterior mean (deterministic) and takes the caller's noise: make diffusers do the same.
+    monkeypatch.setattr(img2img, "randn_tensor", lambda shape, **kw: torch.from_numpy(noise).reshape(shape))
+    original = img2img.retrieve_latents
+    monkeypatch.setattr(img2img, "retrieve_latents", lambda out, generator=None, sample_mode="sample":
+                        original(out, generator, sample_mode="argmax"))
+    pipe = diffusers_pipeline(state_dict, config, engine_dir / "tokenizer", diffusers_scheduler("euler", config),
+                              img2img=True)
+    with torch.inference_mode():
+        theirs = pipe("a castle", image=init, strength=0.6, num_inference_steps=10, guidance_scale=5.0,
+                      output_type="np").images[0]
+    value = psnr(np.asarray(ours, np.float64) / 255, theirs)
+    assert value > 40, f"img2img PSNR {value:.1f} dB"
+
+
+def test_same_seed_same_images_and_seed_is_reported(runtime):
+    kwargs = dict(steps=3, height=128, width=128, scheduler="euler_a", seed=1234)
+    first, second = runtime.generate("a boat", **kwargs), runtime.generate("a boat", **kwargs)
+    assert first.seed == 1234 and np.array_equal(np.asarray(first.images[0]), np.asarray(second.images[0]))
+    other = runtime.generate("a boat", **{**kwargs, "seed": 1235})
+    assert not np.array_equal(np.asarray(first.images[0]), np.asarray(other.images[0]))
+    assert {"text_encoder", "denoise", "vae_decode", "total"} <= set(first.timings)
+
+
+def test_prompt_lists_and_num_images(runtime):
+    result = runtime.generate(["a", "b"], ["x", "y"], steps=2, height=128, width=128, seed=0)
+    assert len(result.images) == 2 and result.images[0].size == (128, 128)
+    with pytest.raises(ValueError, match="outside the exported range 1..2"):
+        runtime.generate(["a", "b"], steps=2, height=128, width=128, num_images=2)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(height=130), ValueError, "multiple of 8"),
+    (dict(height=512), ValueError, r"outside the exported range 128\.\.256"),
+    (dict(num_images=3), ValueError, "--max-batch 3"),
+    (dict(scheduler="k_euler_fancy"), ValueError, "available schedulers are"),
+    (dict(steps=0), ValueError, "steps"),
+    (dict(latents=np.zeros((1, 4, 8, 8), np.float32)), ValueError, r"latents must have shape \(1, 4, 16, 16\)"),
+    (dict(image=Image.new("L", (128, 128))), ValueError, "must be RGB"),
+    (dict(image=Image.new("RGB", (64, 128))), ValueError, "64x128 but the requested size is 128x128"),
+    (dict(image=Image.new("RGB", (128, 128)), strength=1.5), ValueError, "strength"),
+])
+def test_bad_requests_fail_before_any_engine_runs(engine_dir, kwargs, error, match):
+    runtime = Runtime(engine_dir, backend="onnxruntime")
+    for engine in runtime.engines.values():
+        engine.infer = lambda feeds: pytest.fail("an engine ran for a request that should have been refused")
+    with pytest.raises(error, match=match):
+        runtime.generate("a", **{"height": 128, "width": 128, "steps": 4, **kwargs})
+
+
+def test_broken_engine_dirs_are_refused(engine_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(engine_dir, broken)
+    (broken / "unet.onnx").unlink()
+    with pytest.raises(EngineDirError, match="missing unet.onnx"):
+        Runtime(broken, backend="onnxruntime")
+    data = json.loads((engine_dir / "manifest.json").read_text())
+    data["format_version"] = 7
+    (broken / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(EngineDirError, match="format_version 7"):
+        Runtime(broken)
+
+
+def test_runtime_runs_with_torch_unimportable(engine_dir):
+    script = textwrap.dedent(f"""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "transformers", "diffusers", "onnx", "onnxscript"):
+                    raise ImportError(f"{{name}} is blocked in this test")
+        sys.meta_path.insert(0, Block())
+        import rtsd
+        result = rtsd.Runtime({str(engine_dir)!r}).generate("a lighthouse", steps=3, height=128, width=128, seed=7)
+        assert result.images[0].size == (128, 128)
+        assert not [m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "diffusers", "onnx")]
+        print("ok", result.seed)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "ok 7" in done.stdout, done.stderr[-2000:]
+
+
+def test_failed_export_leaves_nothing_behind(checkpoint, tmp_path, monkeypatch):
+    import rtsd.export.onnx as onnx_export
+
+    calls = []
+
+    def fail_on_unet(models, name, *args, **kwargs):
+        calls.append(name)
+        if name == "unet":
+            raise RuntimeError("simulated crash during the UNet export")
+        return original(models, name, *args, **kwargs)
+
+    original = onnx_export.export_component
+    monkeypatch.setattr(onnx_export, "export_component", fail_on_unet)
+    with pytest.raises(RuntimeError, match="simulated"):
+        export(checkpoint, tmp_path / "engines", shape_range=RANGE, progress=None)
+    assert calls == ["text_encoder", "unet"] and list(tmp_path.iterdir()) == []
+
+
+def test_cli_generate_writes_png_with_parameters(engine_dir, tmp_path, capsys):
+    out = tmp_path / "cat.png"
+    code = main(["generate", str(engine_dir), "a cat", "-o", str(out), "--steps", "3", "--size", "128x192",
+                 "--seed", "9", "--scheduler", "ddim", "--backend", "onnxruntime"])
+    assert code == 0
+    image = Image.open(out)
+    assert image.size == (128, 192)
+    parameters = json.loads(image.text["parameters"])
+    assert parameters["seed"] == 9 and parameters["prompt"] == "a cat" and parameters["scheduler"] == "ddim"
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["generate", "{engines}", "x", "--size", "100x100"], "multiple of 8"),
+    (["generate", "{engines}", "x", "--size", "big"], "--size must look like"),
+    (["generate", "{engines}", "x", "--scheduler", "nope", "--size", "128x128"], "available schedulers are"),
+    (["generate", "{missing}", "x"], "does not exist"),
+    (["export", "--checkpoint", "{missing}", "--output", "{tmp}/e"], "missing"),
+    (["export", "--checkpoint", "{ckpt}", "--output", "{engines}"], "not empty; pass --force"),
+    (["export", "--checkpoint", "{ckpt}", "--output", "{tmp}/e", "--min-size", "100"], "multiple of 64"),
+    (["info", "{missing}"], "missing"),
+])
+def test_cli_user_errors_exit_2_with_one_line(engine_dir, checkpoint, tmp_path, capsys, argv, match):
+    subs = {"engines": str(engine_dir), "missing": str(tmp_path / "missing"), "tmp": str(tmp_path), "ckpt": str(checkpoint)}
+    assert main([a.format(**subs) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert re.search(match, err, flags=re.I), err
+
+
+def test_parity_command_passes_for_fp32_onnx(engine_dir, checkpoint, capsys):
+    assert main(["parity", str(engine_dir), "--checkpoint", str(checkpoint), "--steps", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "PASS" in out and "end-to-end" in out
