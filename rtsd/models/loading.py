@@ -1,0 +1,169 @@
+"""Build the three reference networks from one ModelConfig and load them strictly from LDM-keyed tensors."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rtsd.config import ModelConfig
+from rtsd.errors import CheckpointError
+from rtsd.models.text_encoder import UNUSED_TEXT_KEYS, build_text_encoder
+from rtsd.models.unet import UNetModel
+from rtsd.models.vae import AutoencoderKL
+
+# Where each network lives in an LDM single-file checkpoint; module state-dict keys are the rest of the key.
+COMPONENT_PREFIXES = {
+    "unet": "model.diffusion_model.",
+    "vae": "first_stage_model.",
+    "text_encoder": "cond_stage_model.",
+}
+# LDM DDPM.register_schedule buffers stored at the top level of SD checkpoints: training tables, not weights.
+SCHEDULE_KEYS = (
+    "betas",
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+)
+# Keys a complete checkpoint may carry that no reference network reads; everything else must match exactly.
+IGNORED_KEYS = frozenset(SCHEDULE_KEYS + UNUSED_TEXT_KEYS)
+_MAX_LISTED = 8
+
+
+@dataclass(eq=False)
+class ReferenceModels:
+    """The PyTorch reference of one checkpoint: ``unet``, ``vae``, ``text_encoder`` (eval mode, no grads)."""
+
+    config: ModelConfig
+    unet: UNetModel
+    vae: AutoencoderKL
+    text_encoder: nn.Module
+
+    @functools.cached_property
+    def tokenizer(self):
+        """The CLIP tokenizer with this family's padding convention (imported on first use; torch-free)."""
+        from rtsd.tokenizer import Tokenizer
+
+        return Tokenizer.default(pad_token_id=self.config.text_encoder.pad_token_id)
+
+    def components(self) -> dict[str, nn.Module]:
+        return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> ReferenceModels:
+        for module in self.components().values():
+            module.to(device=device, dtype=dtype)
+        return self
+
+    def ldm_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor these networks expect, by its LDM checkpoint key."""
+        return {
+            COMPONENT_PREFIXES[name] + key: tuple(value.shape)
+            for name, module in self.components().items()
+            for key, value in module.state_dict().items()
+        }
+
+
+def build_models(
+    config: ModelConfig, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> ReferenceModels:
+    """Randomly initialised networks for ``config`` (``device="meta"`` allocates nothing: names and shapes only)."""
+    if config.unet.context_dim != config.text_encoder.hidden_size:
+        raise ValueError(
+            f"UNet context_dim {config.unet.context_dim} != text encoder hidden_size {config.text_encoder.hidden_size}"
+        )
+    with torch.device(device):
+        models = ReferenceModels(
+            config=config,
+            unet=UNetModel(config.unet),
+            vae=AutoencoderKL(config.vae),
+            text_encoder=build_text_encoder(config.text_encoder),
+        )
+    for module in models.components().values():
+        module.to(dtype=dtype).eval().requires_grad_(False)
+    return models
+
+
+def check_state_shapes(
+    models: ReferenceModels, shapes: Mapping[str, tuple[int, ...]], source: str = "checkpoint"
+) -> None:
+    """Raise one CheckpointError listing missing keys, unexpected keys and shape mismatches (LDM key names)."""
+    expected = models.ldm_shapes()
+    given = {key: tuple(shape) for key, shape in shapes.items() if key not in IGNORED_KEYS}
+    missing = sorted(expected.keys() - given.keys())
+    unexpected = sorted(given.keys() - expected.keys())
+    mismatched = sorted(
+        f"{key} {given[key]} in the file vs {expected[key]} in the model"
+        for key in expected.keys() & given.keys()
+        if given[key] != expected[key]
+    )
+    problems = [
+        _listing(missing, "missing key"),
+        _listing(unexpected, "unexpected key"),
+        _listing(mismatched, "shape mismatch", plural="shape mismatches"),
+    ]
+    problems = [p for p in problems if p]
+    if problems:
+        raise CheckpointError(
+            f"{source} does not fit the {config_name(models.config)} reference models "
+            f"({len(expected)} tensors expected): {'; '.join(problems)}"
+        )
+
+
+def load_state(models: ReferenceModels, tensors: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Load LDM-keyed tensors into the networks, strictly: every key present, none extra, every shape equal.
+
+    Modules built on the ``meta`` device take the tensors as they are (``assign``), so nothing is allocated twice.
+    """
+    check_state_shapes(models, {key: tuple(t.shape) for key, t in tensors.items()}, source)
+    for name, module in models.components().items():
+        prefix = COMPONENT_PREFIXES[name]
+        state = {
+            key[len(prefix) :]: t for key, t in tensors.items() if key.startswith(prefix) and key not in IGNORED_KEYS
+        }
+        on_meta = any(p.is_meta for p in module.parameters())
+        if on_meta:
+            dtype = next(module.parameters()).dtype
+            state = {key: t.to(dtype) for key, t in state.items()}
+        module.load_state_dict(state, strict=True, assign=on_meta)
+        module.requires_grad_(False)
+
+
+def load_checkpoint(
+    path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> ReferenceModels:
+    """Read a checkpoint (single file or diffusers folder), detect its architecture, and load the references."""
+    from rtsd.checkpoint import detect_config, open_checkpoint
+
+    checkpoint = open_checkpoint(path)
+    config = detect_config(checkpoint.shapes)
+    models = build_models(config, dtype=dtype, device="meta")
+    source = f"checkpoint {path}"
+    check_state_shapes(models, checkpoint.shapes, source)  # before reading a single tensor
+    load_state(models, checkpoint.tensors(dtype=dtype), source)
+    return models.to(device=device)
+
+
+def config_name(config: ModelConfig) -> str:
+    return {"sd1": "SD 1.x", "sd2": "SD 2.x"}.get(config.family, config.family)
+
+
+def _listing(items: list[str], noun: str, plural: str | None = None) -> str:
+    if not items:
+        return ""
+    shown = ", ".join(items[:_MAX_LISTED]) + (
+        f", ... ({len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else ""
+    )
+    word = noun if len(items) == 1 else (plural or noun + "s")
+    return f"{len(items)} {word}: {shown}"

@@ -1,0 +1,201 @@
+"""Random-weight checkpoints in the exact key layout of real single-file SD checkpoints (no weights can be downloaded).
+
+The key set and shapes come from the reference modules themselves, built on the ``meta`` device (nothing
+allocated), plus what real files also carry: the LDM DDPM schedule buffers and the text encoder's unused extras.
+Tensors are generated one at a time, each from its own seeded generator, and streamed into the ``.safetensors``
+file, so a full-size fp32 checkpoint (4.3 GB) needs about one tensor's worth of memory.
+
+Scale: weights ~ N(0, 1/fan_in), norm weights ~ 1, biases small, embeddings ~ N(0, 1): activations stay O(1)
+through every network (see tests/test_synthetic.py for the measured output std).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from rtsd.config import ModelConfig, SchedulerDefaults, TextEncoderConfig, UNetConfig, VAEConfig
+from rtsd.models.loading import COMPONENT_PREFIXES, SCHEDULE_KEYS, build_models
+
+# 12 layers as in ViT-L/14 (the key set is SD 1.5's); 128 wide = two of the 64-wide heads detection assumes.
+_TINY_TEXT = {"hidden_size": 128, "num_layers": 12, "num_heads": 2, "intermediate_size": 512}
+
+PRESETS: dict[str, ModelConfig] = {
+    # SD 1.5's block structure (4 levels, 2 res blocks, attention at 4/2/1, 8 heads) with few channels.
+    "tiny": ModelConfig(
+        family="sd1",
+        unet=UNetConfig(model_channels=32, context_dim=128),
+        vae=VAEConfig(ch=32),
+        text_encoder=TextEncoderConfig(**_TINY_TEXT),
+    ),
+    # Exactly SD 1.5 (v1-inference.yaml + CLIP ViT-L/14 text model).
+    "sd15": ModelConfig(family="sd1"),
+}
+
+_SAFETENSORS_DTYPES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+}
+
+
+class TensorSpec(NamedTuple):
+    """One tensor of a synthetic checkpoint: its key, shape, dtype and how it is filled."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    init: str  # "fan_in" | "norm_weight" | "bias" | "embedding" | "schedule" | "position_ids" | "logit_scale"
+
+
+def preset_config(preset: str | ModelConfig) -> ModelConfig:
+    if isinstance(preset, ModelConfig):
+        return preset
+    if preset not in PRESETS:
+        raise ValueError(f"unknown synthetic preset {preset!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[preset]
+
+
+def checkpoint_specs(preset: str | ModelConfig, dtype: torch.dtype = torch.float32) -> list[TensorSpec]:
+    """Every tensor a real single-file checkpoint of this architecture holds, in file order (sorted keys)."""
+    config = preset_config(preset)
+    models = build_models(config, device="meta")
+    specs = []
+    for name, component in models.components().items():
+        for module_name, module in component.named_modules():
+            for param_name, param in module.named_parameters(recurse=False):
+                key = f"{COMPONENT_PREFIXES[name]}{module_name}.{param_name}"
+                specs.append(TensorSpec(key, tuple(param.shape), dtype, _init_kind(module, param_name)))
+    specs += _text_extras(config.text_encoder, dtype)
+    specs += [TensorSpec(key, (config.scheduler.num_train_timesteps,), dtype, "schedule") for key in SCHEDULE_KEYS]
+    return sorted(specs, key=lambda spec: spec.key)
+
+
+def checkpoint_shapes(preset: str | ModelConfig) -> dict[str, tuple[int, ...]]:
+    return {spec.key: spec.shape for spec in checkpoint_specs(preset)}
+
+
+def write_checkpoint(
+    path: str | os.PathLike, preset: str | ModelConfig = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32
+) -> Path:
+    """Write a random-weight ``.safetensors`` checkpoint; the same (preset, seed, dtype) gives the same bytes."""
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"synthetic checkpoints are fp32, fp16 or bf16, not {dtype}")
+    config = preset_config(preset)
+    specs = checkpoint_specs(config, dtype)
+    schedule = schedule_buffers(config.scheduler)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "wb") as f:
+        f.write(_safetensors_header(specs))
+        for spec in specs:
+            tensor = _generate(spec, seed, schedule)
+            f.write(tensor.reshape(-1).view(torch.uint8).numpy())
+    os.replace(tmp, path)  # never leave a truncated file under the real name
+    return path
+
+
+def schedule_buffers(scheduler: SchedulerDefaults) -> dict[str, torch.Tensor]:
+    """The DDPM tables LDM's ``register_schedule`` stores, computed in float64 (stored in the checkpoint dtype)."""
+    if scheduler.beta_schedule != "scaled_linear":
+        raise ValueError(f"synthetic checkpoints use the scaled_linear schedule, not {scheduler.beta_schedule!r}")
+    n = scheduler.num_train_timesteps
+    betas = np.linspace(scheduler.beta_start**0.5, scheduler.beta_end**0.5, n, dtype=np.float64) ** 2
+    alphas = 1.0 - betas
+    cumprod = np.cumprod(alphas)
+    cumprod_prev = np.append(1.0, cumprod[:-1])
+    posterior_variance = betas * (1.0 - cumprod_prev) / (1.0 - cumprod)
+    tables = {
+        "betas": betas,
+        "alphas_cumprod": cumprod,
+        "alphas_cumprod_prev": cumprod_prev,
+        "sqrt_alphas_cumprod": np.sqrt(cumprod),
+        "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - cumprod),
+        "log_one_minus_alphas_cumprod": np.log(1.0 - cumprod),
+        "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / cumprod),
+        "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / cumprod - 1.0),
+        "posterior_variance": posterior_variance,
+        "posterior_log_variance_clipped": np.log(np.maximum(posterior_variance, 1e-20)),
+        "posterior_mean_coef1": betas * np.sqrt(cumprod_prev) / (1.0 - cumprod),
+        "posterior_mean_coef2": (1.0 - cumprod_prev) * np.sqrt(alphas) / (1.0 - cumprod),
+    }
+    return {key: torch.from_numpy(value) for key, value in tables.items()}
+
+
+def _init_kind(module: nn.Module, param_name: str) -> str:
+    if isinstance(module, (nn.GroupNorm, nn.LayerNorm)):
+        return "norm_weight" if param_name == "weight" else "bias"
+    if param_name.endswith("bias"):
+        return "bias"
+    if isinstance(module, nn.Embedding) or param_name == "positional_embedding":
+        return "embedding"
+    return "fan_in"  # Linear / Conv2d weights and OpenCLIP's packed in_proj_weight
+
+
+def _text_extras(config: TextEncoderConfig, dtype: torch.dtype) -> list[TensorSpec]:
+    """Tensors real checkpoints carry beside the text network (see text_encoder.UNUSED_TEXT_KEYS)."""
+    if config.kind == "clip":
+        key = COMPONENT_PREFIXES["text_encoder"] + "transformer.text_model.embeddings.position_ids"
+        return [TensorSpec(key, (1, config.max_position_embeddings), torch.int64, "position_ids")]
+    prefix = COMPONENT_PREFIXES["text_encoder"] + "model."
+    return [
+        TensorSpec(prefix + "logit_scale", (), dtype, "logit_scale"),
+        TensorSpec(prefix + "text_projection", (config.hidden_size, config.hidden_size), dtype, "fan_in"),
+    ]
+
+
+def _seed_for(seed: int, key: str) -> int:
+    # Each tensor's values depend only on (seed, key): presets that share keys share nothing else by accident,
+    # and the order tensors are generated in does not matter.
+    digest = hashlib.sha256(f"{seed}/{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _generate(spec: TensorSpec, seed: int, schedule: dict[str, torch.Tensor]) -> torch.Tensor:
+    if spec.init == "schedule":
+        return schedule[spec.key].to(spec.dtype)
+    if spec.init == "position_ids":
+        return torch.arange(spec.shape[-1], dtype=torch.int64).reshape(spec.shape)
+    if spec.init == "logit_scale":
+        return torch.full(spec.shape, math.log(1 / 0.07), dtype=spec.dtype)
+    generator = torch.Generator().manual_seed(_seed_for(seed, spec.key))
+    noise = torch.randn(spec.shape, generator=generator, dtype=torch.float32)
+    if spec.init == "fan_in":
+        values = noise / math.sqrt(math.prod(spec.shape[1:]))
+    elif spec.init == "norm_weight":
+        values = 1.0 + 0.05 * noise
+    elif spec.init == "bias":
+        values = 0.02 * noise
+    elif spec.init == "embedding":
+        values = noise
+    else:
+        raise ValueError(f"unknown init kind {spec.init!r} for {spec.key}")
+    return values.to(spec.dtype)
+
+
+def _safetensors_header(specs: list[TensorSpec]) -> bytes:
+    """The 8-byte length + JSON header of a .safetensors file whose tensors follow back to back in spec order."""
+    header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for spec in specs:
+        nbytes = math.prod(spec.shape) * spec.dtype.itemsize
+        header[spec.key] = {
+            "dtype": _SAFETENSORS_DTYPES[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # keep the data 8-byte aligned, as the reference writer does
+    return struct.pack("<Q", len(text)) + text

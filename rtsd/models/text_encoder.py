@@ -1,0 +1,230 @@
+"""Text encoders: OpenAI CLIP as stored by SD 1.x (``cond_stage_model.transformer.text_model.*``, transformers
+layout) and OpenCLIP as stored by SD 2.x (``cond_stage_model.model.*``).
+
+Both return the hidden states the UNet is conditioned on, (N, 77, C): the layer picked by
+``TextEncoderConfig.output_layer`` (-1 last, -2 penultimate, ...) with the final LayerNorm applied. Layers after
+the chosen one are kept (their weights are in the checkpoint) but never run.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rtsd.config import TextEncoderConfig
+
+# Keys real checkpoints carry that no network computation reads: CLIP's position_ids buffer (we use arange; some
+# community checkpoints store it as corrupt floats), OpenCLIP's contrastive-loss temperature and pooled projection.
+UNUSED_TEXT_KEYS = (
+    "cond_stage_model.transformer.text_model.embeddings.position_ids",
+    "cond_stage_model.model.logit_scale",
+    "cond_stage_model.model.text_projection",
+)
+
+
+class QuickGELU(nn.Module):
+    """OpenAI CLIP's sigmoid approximation of GELU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def _activation(name: str) -> nn.Module:
+    if name == "quick_gelu":
+        return QuickGELU()
+    if name == "gelu":
+        return nn.GELU()
+    raise ValueError(f"text encoder activation {name!r} is not supported (use 'quick_gelu' or 'gelu')")
+
+
+def _layers_to_run(config: TextEncoderConfig) -> int:
+    if not -config.num_layers <= config.output_layer <= -1:
+        raise ValueError(f"text encoder output_layer must be in [-{config.num_layers}, -1], got {config.output_layer}")
+    return config.num_layers + config.output_layer + 1
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """Causal multi-head attention on (N, L, heads*head_dim) tensors."""
+    q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return out.transpose(1, 2).flatten(2)
+
+
+# ------------------------------------------------------------------------------------------- OpenAI CLIP (SD 1.x)
+
+
+class CLIPAttention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(width, width)
+        self.v_proj = nn.Linear(width, width)
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(causal_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads))
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, config: TextEncoderConfig):
+        super().__init__()
+        self.act = _activation(config.hidden_act)
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CLIPEncoderLayer(nn.Module):
+    def __init__(self, config: TextEncoderConfig):
+        super().__init__()
+        eps = config.layer_norm_eps
+        self.self_attn = CLIPAttention(config.hidden_size, config.num_heads)
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=eps)
+        self.mlp = CLIPMLP(config)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEmbeddings(nn.Module):
+    def __init__(self, config: TextEncoderConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.token_embedding(input_ids) + self.position_embedding.weight[: input_ids.shape[1]]
+
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, config: TextEncoderConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(CLIPEncoderLayer(config) for _ in range(config.num_layers))
+
+
+class CLIPTextTransformer(nn.Module):
+    def __init__(self, config: TextEncoderConfig):
+        super().__init__()
+        self.embeddings = CLIPEmbeddings(config)
+        self.encoder = CLIPEncoder(config)
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+
+class CLIPTextHolder(nn.Module):
+    """``transformer.text_model``: the nesting transformers' CLIPTextModel gives the SD 1.x keys."""
+
+    def __init__(self, config: TextEncoderConfig):
+        super().__init__()
+        self.text_model = CLIPTextTransformer(config)
+
+
+class CLIPTextEncoder(nn.Module):
+    """SD 1.x text encoder: ``text_encoder(input_ids)`` -> (N, 77, hidden_size)."""
+
+    def __init__(self, config: TextEncoderConfig):
+        super().__init__()
+        self.config = config
+        self.num_layers_run = _layers_to_run(config)
+        self.transformer = CLIPTextHolder(config)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        model = self.transformer.text_model
+        x = model.embeddings(input_ids)
+        for layer in model.encoder.layers[: self.num_layers_run]:
+            x = layer(x)
+        return model.final_layer_norm(x)
+
+
+# ---------------------------------------------------------------------------------------------- OpenCLIP (SD 2.x)
+
+
+class OpenCLIPAttention(nn.Module):
+    """``nn.MultiheadAttention``'s parameter layout (packed q/k/v ``in_proj``), computed with SDPA."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        if not self.in_proj_weight.is_meta:
+            nn.init.xavier_uniform_(self.in_proj_weight)
+            nn.init.zeros_(self.in_proj_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        return self.out_proj(causal_attention(q, k, v, self.heads))
+
+
+class OpenCLIPMLP(nn.Module):
+    def __init__(self, config: TextEncoderConfig):
+        super().__init__()
+        self.act = _activation(config.hidden_act)
+        self.c_fc = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.c_proj = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, config: TextEncoderConfig):
+        super().__init__()
+        eps = config.layer_norm_eps
+        self.ln_1 = nn.LayerNorm(config.hidden_size, eps=eps)
+        self.attn = OpenCLIPAttention(config.hidden_size, config.num_heads)
+        self.ln_2 = nn.LayerNorm(config.hidden_size, eps=eps)
+        self.mlp = OpenCLIPMLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class OpenCLIPTransformer(nn.Module):
+    def __init__(self, config: TextEncoderConfig):
+        super().__init__()
+        self.resblocks = nn.ModuleList(ResidualAttentionBlock(config) for _ in range(config.num_layers))
+
+
+class OpenCLIPTextModel(nn.Module):
+    """``model``: OpenCLIP's text tower (the visual tower is not in SD 2.x checkpoints)."""
+
+    def __init__(self, config: TextEncoderConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.positional_embedding = nn.Parameter(torch.empty(config.max_position_embeddings, config.hidden_size))
+        if not self.positional_embedding.is_meta:
+            nn.init.normal_(self.positional_embedding, std=0.01)
+        self.transformer = OpenCLIPTransformer(config)
+        self.ln_final = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+
+class OpenCLIPTextEncoder(nn.Module):
+    """SD 2.x text encoder: ``text_encoder(input_ids)`` -> (N, 77, hidden_size), penultimate layer + ln_final."""
+
+    def __init__(self, config: TextEncoderConfig):
+        super().__init__()
+        self.config = config
+        self.num_layers_run = _layers_to_run(config)
+        self.model = OpenCLIPTextModel(config)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.model.token_embedding(input_ids) + self.model.positional_embedding[: input_ids.shape[1]]
+        for block in self.model.transformer.resblocks[: self.num_layers_run]:
+            x = block(x)
+        return self.model.ln_final(x)
+
+
+def build_text_encoder(config: TextEncoderConfig) -> nn.Module:
+    if config.kind == "clip":
+        return CLIPTextEncoder(config)
+    if config.kind == "open_clip":
+        return OpenCLIPTextEncoder(config)
+    raise ValueError(f"text encoder kind {config.kind!r} is not supported (use 'clip' or 'open_clip')")

@@ -1,0 +1,268 @@
+"""The LDM ``UNetModel`` (openaimodel.py) of Stable Diffusion 1.x / 2.x, written to export cleanly.
+
+Attribute names mirror the checkpoint keys under ``model.diffusion_model.``: ``time_embed.0``, ``input_blocks.N.M``,
+``middle_block.M``, ``output_blocks.N.M``, ``out.0`` / ``out.2``. Graph rules for ONNX/TensorRT: no Python control
+flow on tensor values, attention through ``scaled_dot_product_attention``, nearest x2 upsampling by scale factor,
+the timestep embedding computed from the timestep tensor with torch ops.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rtsd.config import UNetConfig
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding, cos half first (LDM ``timestep_embedding``, diffusers ``flip_sin_to_cos=True``)."""
+    half = dim // 2
+    exponent = torch.arange(half, dtype=torch.float32, device=timesteps.device) * (-math.log(max_period) / half)
+    args = timesteps.to(torch.float32)[:, None] * torch.exp(exponent)[None, :]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """Multi-head attention on (N, L, heads*head_dim) tensors; the head split uses no batch/length sizes."""
+    q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2).flatten(2)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, with the timestep embedding added in between (LDM ``ResBlock``)."""
+
+    def __init__(self, channels: int, emb_channels: int, out_channels: int, groups: int):
+        super().__init__()
+        self.in_layers = nn.Sequential(
+            nn.GroupNorm(groups, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+        )
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(
+            nn.GroupNorm(groups, out_channels),
+            nn.SiLU(),
+            nn.Identity(),  # index 2 is the (inference-time no-op) dropout, kept so the conv stays at index 3
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+        )
+        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class CrossAttention(nn.Module):
+    """Self-attention (``context_dim`` None) or cross-attention onto the text encoder states."""
+
+    def __init__(self, query_dim: int, heads: int, head_dim: int, context_dim: int | None = None):
+        super().__init__()
+        inner = heads * head_dim
+        context_dim = query_dim if context_dim is None else context_dim
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
+        return self.to_out(out)
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        # net.1 is the dropout slot of the original, so the output projection keeps its key ``net.2``.
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, heads, head_dim)
+        self.ff = FeedForward(dim)
+        self.attn2 = CrossAttention(dim, heads, head_dim, context_dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Image tokens attend to themselves and to the text; proj_in/out are 1x1 convs (SD 1.x) or Linear (SD 2.x)."""
+
+    def __init__(
+        self, channels: int, heads: int, head_dim: int, depth: int, context_dim: int, linear: bool, groups: int
+    ):
+        super().__init__()
+        inner = heads * head_dim
+        self.linear = linear
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, inner) if linear else nn.Conv2d(channels, inner, 1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner, heads, head_dim, context_dim) for _ in range(depth)
+        )
+        self.proj_out = nn.Linear(inner, channels) if linear else nn.Conv2d(inner, channels, 1)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        batch, _, height, width = x.shape
+        h = self.norm(x)
+        if not self.linear:
+            h = self.proj_in(h)
+        h = h.flatten(2).transpose(1, 2)  # (N, H*W, C)
+        if self.linear:
+            h = self.proj_in(h)
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        if self.linear:
+            h = self.proj_out(h)
+        h = h.transpose(1, 2).reshape(batch, -1, height, width)
+        if not self.linear:
+            h = self.proj_out(h)
+        return x + h
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """Passes the timestep embedding to ResBlocks and the text states to SpatialTransformers."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNetModel(nn.Module):
+    """``unet(sample, timestep, encoder_hidden_states)`` -> the raw prediction (epsilon or v), shaped like sample."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = config
+        mc, groups = config.model_channels, config.norm_num_groups
+        emb_dim = mc * 4
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+        def transformer(channels: int) -> SpatialTransformer:
+            heads, head_dim = config.heads_at(channels)
+            return SpatialTransformer(
+                channels,
+                heads,
+                head_dim,
+                config.transformer_depth,
+                config.context_dim,
+                config.use_linear_in_transformer,
+                groups,
+            )
+
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(config.in_channels, mc, 3, padding=1))])
+        skip_channels = [mc]
+        ch, ds = mc, 1
+        last_level = len(config.channel_mult) - 1
+        for level, mult in enumerate(config.channel_mult):
+            for _ in range(config.num_res_blocks):
+                layers: list[nn.Module] = [ResBlock(ch, emb_dim, mult * mc, groups)]
+                ch = mult * mc
+                if ds in config.attention_resolutions:
+                    layers.append(transformer(ch))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_channels.append(ch)
+            if level != last_level:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
+                skip_channels.append(ch)
+                ds *= 2
+
+        self.middle_block = TimestepEmbedSequential(
+            ResBlock(ch, emb_dim, ch, groups), transformer(ch), ResBlock(ch, emb_dim, ch, groups)
+        )
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(config.channel_mult))):
+            for i in range(config.num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mc * mult, groups)]
+                ch = mc * mult
+                if ds in config.attention_resolutions:
+                    layers.append(transformer(ch))
+                if level and i == config.num_res_blocks:
+                    layers.append(Upsample(ch))
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(nn.GroupNorm(groups, ch), nn.SiLU(), nn.Conv2d(mc, config.out_channels, 3, padding=1))
+
+    @property
+    def latent_multiple(self) -> int:
+        """Latent height and width must be multiples of this (each level halves them, the skips must line up)."""
+        return 2 ** (len(self.config.channel_mult) - 1)
+
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> torch.Tensor:
+        if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            self._check_sample(sample)
+        # A 0-d or (1,) timestep is broadcast over the batch; (N,) passes through unchanged.
+        timestep = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(sample.shape[0])
+        emb = self.time_embed(timestep_embedding(timestep, self.config.model_channels).to(sample.dtype))
+        h = sample
+        skips = []
+        for block in self.input_blocks:
+            h = block(h, emb, encoder_hidden_states)
+            skips.append(h)
+        h = self.middle_block(h, emb, encoder_hidden_states)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, encoder_hidden_states)
+        return self.out(h)
+
+    def _check_sample(self, sample: torch.Tensor) -> None:
+        # Eager-only: an odd latent size would otherwise fail deep inside with a torch.cat shape error.
+        multiple = self.latent_multiple
+        if sample.ndim != 4 or sample.shape[1] != self.config.in_channels:
+            raise ValueError(f"UNet sample must be (N, {self.config.in_channels}, H, W), got {tuple(sample.shape)}")
+        if sample.shape[2] % multiple or sample.shape[3] % multiple:
+            raise ValueError(
+                f"UNet latent height and width must be multiples of {multiple} "
+                f"(images multiples of {multiple * 8}), got {tuple(sample.shape[2:])}"
+            )
