@@ -213,6 +213,16 @@ def test_failed_export_leaves_nothing_behind(checkpoint, tmp_path, monkeypatch):
     assert calls == ["text_encoder", "unet"] and list(tmp_path.iterdir()) == []
 
 
+def test_fp16_onnx_export_passes_fp16_parity(checkpoint, tmp_path):
+    from rtsd.export.parity import check_engine_dir
+
+    engines = export(checkpoint, tmp_path / "fp16", shape_range=RANGE, precision="fp16", progress=None)
+    report = check_engine_dir(engines, checkpoint, backend="onnxruntime", shapes=((2, 128, 192),), steps=3)
+    assert report.precision == "fp16" and report.passed, report.table()
+    assert all(c.criterion.startswith(("cosine", "PSNR")) for c in report.checks)
+    assert (engines.stat().st_mode & 0o777) == 0o755
+
+
 def test_cli_generate_writes_png_with_parameters(engine_dir, tmp_path, capsys):
     out = tmp_path / "cat.png"
     code = main(["generate", str(engine_dir), "a cat", "-o", str(out), "--steps", "3", "--size", "128x192",

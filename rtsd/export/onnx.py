@@ -102,15 +102,19 @@ def clean_up(source: Path, target: Path, precision: str = "fp32") -> list[Path]:
     import onnx
     import onnx_graphsurgeon as gs
 
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3)  # graphsurgeon folds with ORT; its optimizer notes are not for users
     model = onnx.load(str(source), load_external_data=True)
     graph = gs.import_onnx(model)
-    graph.fold_constants().cleanup().toposort()
+    graph.fold_constants().cleanup().toposort()  # fold in fp32, before any cast to fp16
     model = gs.export_onnx(graph)
     if precision == "fp16":
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
-        # I/O stays float32 (the spec's contract); normalisations and Resize stay fp32 inside the converter.
+        # I/O stays float32 (the spec's contract); the converter keeps its op block list (e.g. Resize) in fp32.
         model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
+        model = gs.export_onnx(gs.import_onnx(model).cleanup().toposort())  # the converter appends its Casts last
     elif precision != "fp32":
         raise ValueError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
     return save(model, target)

@@ -57,6 +57,7 @@ def export(checkpoint: str | Path, output: str | Path, *, shape_range: ShapeRang
 
     output.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    work.chmod(0o755)  # mkdtemp makes it private; the engine dir is read by serving processes of other users
     try:
         with stage("writing tokenizer"):
             models.tokenizer.save(work / "tokenizer")
