@@ -11,3 +11,11 @@ def tiny_checkpoint(tmp_path_factory):
     from rtsd.models.synthetic import write_checkpoint
 
     return write_checkpoint(tmp_path_factory.mktemp("checkpoints") / "tiny.safetensors", "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_checkpoint(tmp_path_factory):
+    """Path of a ``tiny-sd2`` preset single-file checkpoint (SD 2.x layout: OpenCLIP, linear proj, 64-wide heads)."""
+    from rtsd.models.synthetic import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("checkpoints") / "tiny-sd2.safetensors", "tiny-sd2", seed=0)

@@ -23,11 +23,14 @@ from rtsd.models.synthetic import PRESETS, checkpoint_shapes, checkpoint_specs, 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
 CLIP = "cond_stage_model.transformer.text_model."
+OPEN_CLIP = "cond_stage_model.model."
 POSITION_IDS = CLIP + "embeddings.position_ids"
+# Tensors real files carry beside the text network: CLIP's position_ids, OpenCLIP's loss temperature and projection.
+TEXT_EXTRAS = {POSITION_IDS, OPEN_CLIP + "logit_scale", OPEN_CLIP + "text_projection"}
 
 
 def _component(shapes: dict, prefix: str) -> dict:
-    return {key: shape for key, shape in shapes.items() if key.startswith(prefix) and key != POSITION_IDS}
+    return {key: shape for key, shape in shapes.items() if key.startswith(prefix) and key not in TEXT_EXTRAS}
 
 
 def _params(shapes: dict) -> int:
@@ -41,60 +44,85 @@ def _meta_tensors(shapes: dict) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------------------------- layouts
 
 
-def test_tiny_has_the_sd15_key_layout_modulo_sizes():
-    tiny, sd15 = checkpoint_specs("tiny"), checkpoint_specs("sd15")
-    assert [spec.key for spec in tiny] == [spec.key for spec in sd15]
-    assert [len(spec.shape) for spec in tiny] == [len(spec.shape) for spec in sd15]
-    assert sum(math.prod(s.shape) for s in tiny) < sum(math.prod(s.shape) for s in sd15) / 40
+@pytest.mark.parametrize(("tiny", "full"), [("tiny", "sd15"), ("tiny-sd2", "sd21")])
+def test_tiny_presets_have_the_full_key_layout_modulo_sizes(tiny, full):
+    small, large = checkpoint_specs(tiny), checkpoint_specs(full)
+    assert [spec.key for spec in small] == [spec.key for spec in large]
+    assert [len(spec.shape) for spec in small] == [len(spec.shape) for spec in large]
+    assert sum(math.prod(s.shape) for s in small) < sum(math.prod(s.shape) for s in large) / 20
 
 
-def test_sd15_preset_counts():
-    shapes = checkpoint_shapes("sd15")
-    unet, vae, text = _component(shapes, UNET), _component(shapes, VAE), _component(shapes, CLIP)
-    assert (len(unet), _params(unet)) == (686, 859_520_964)
+# (preset, text prefix, UNet params, text tensors, text params, extras): SD 1.5 with CLIP ViT-L/14, SD 2.1 with
+# OpenCLIP ViT-H/14 (its 24 resblocks, of which SD 2 runs 23). The VAE is the same in both.
+FULL_SIZE = [
+    ("sd15", CLIP, 859_520_964, 196, 123_060_480, {POSITION_IDS: (1, 77)}),
+    ("sd21", OPEN_CLIP, 865_910_724, 292, 352_984_064, {OPEN_CLIP + "logit_scale": (), OPEN_CLIP + "text_projection": (1024, 1024)}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("preset", "text_prefix", "unet_params", "text_tensors", "text_params", "extras"), FULL_SIZE)
+def test_full_size_preset_counts(preset, text_prefix, unet_params, text_tensors, text_params, extras):
+    shapes = checkpoint_shapes(preset)
+    unet, vae, text = _component(shapes, UNET), _component(shapes, VAE), _component(shapes, text_prefix)
+    assert (len(unet), _params(unet)) == (686, unet_params)
     assert (len(vae), _params(vae)) == (248, 83_653_863)
-    assert (len(text), _params(text)) == (196, 123_060_480)  # CLIP ViT-L/14 text model
-    assert shapes[POSITION_IDS] == (1, 77)
+    assert (len(text), _params(text)) == (text_tensors, text_params)
+    assert {key: shapes[key] for key in extras} == extras
     assert all(shapes[key] == (1000,) for key in SCHEDULE_KEYS)
-    assert len(shapes) == 686 + 248 + 196 + 1 + len(SCHEDULE_KEYS)
+    assert len(shapes) == 686 + 248 + text_tensors + len(extras) + len(SCHEDULE_KEYS)
 
 
-def test_sd15_detected_as_v1_by_diffusers():
+@pytest.mark.parametrize(("preset", "model_type", "context"), [("sd15", "v1", 768), ("sd21", "v2", 1024)])
+def test_full_size_presets_detected_by_diffusers(preset, model_type, context):
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 
-    shapes = checkpoint_shapes("sd15")
-    assert infer_diffusers_model_type(_meta_tensors(shapes)) == "v1"
-    # "v1" is diffusers' fallback: also check the two keys its SD decision reads.
+    shapes = checkpoint_shapes(preset)
+    assert infer_diffusers_model_type(_meta_tensors(shapes)) == model_type
+    # "v1" is diffusers' fallback: also check the keys its SD decision reads.
     assert shapes[UNET + "output_blocks.11.0.skip_connection.weight"] == (320, 640, 1, 1)
-    assert shapes[UNET + "input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"] == (320, 768)
+    assert shapes[UNET + "input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"] == (320, context)
 
 
-def test_sd15_tensors_map_one_to_one_onto_diffusers_and_transformers_models():
-    """Every LDM tensor lands, through diffusers' converters, on a tensor of the same shape in SD 1.5's diffusers
-    UNet/VAE and transformers' CLIP ViT-L/14 text model, and nothing is left over on either side."""
+def _diffusers_text_model(preset: str, ldm: dict):
+    """transformers' CLIPTextModel for the preset and the preset's text tensors converted the way diffusers does."""
+    from diffusers.loaders import single_file_utils as sfu
+    from test_models_parity import clip_text_config
+    from transformers import CLIPTextModel
+
+    config = PRESETS[preset]
+    text_config = clip_text_config(config)
+    if config.text_encoder.kind == "clip":
+        return CLIPTextModel(text_config), sfu.convert_ldm_clip_checkpoint(ldm)
+    text_config.num_hidden_layers -= 1  # diffusers' SD 2.x text encoder stops at the penultimate layer
+    model = CLIPTextModel(text_config)
+    return model, sfu.convert_open_clip_checkpoint(model, ldm)
+
+
+@pytest.mark.parametrize("preset", ["sd15", "sd21"])
+def test_full_size_tensors_map_one_to_one_onto_diffusers_and_transformers_models(preset):
+    """Every LDM tensor lands, through diffusers' converters, on a tensor of the same shape in the diffusers UNet/VAE
+    and transformers' CLIPTextModel of that SD version, and nothing is left over on either side."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders import single_file_utils as sfu
-    from test_models_parity import clip_text_config, ldm_original_config
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from test_models_parity import ldm_original_config
 
-    config = PRESETS["sd15"]
-    ldm = _meta_tensors(checkpoint_shapes("sd15"))
+    config = PRESETS[preset]
+    ldm = _meta_tensors(checkpoint_shapes(preset))
     original = ldm_original_config(config)
     with torch.device("meta"):
         unet_config = sfu.create_unet_diffusers_config_from_ldm(original, ldm)
         vae_config = sfu.create_vae_diffusers_config_from_ldm(original, ldm)
         unet, vae = UNet2DConditionModel(**unet_config), AutoencoderKL(**vae_config)
-        text = CLIPTextModel(clip_text_config(config))
-    assert isinstance(text.config, CLIPTextConfig)
+        text, converted_text = _diffusers_text_model(preset, ldm)
 
     def shapes_of(state):
         return {key.removeprefix("text_model."): tuple(value.shape) for key, value in state.items()}
 
     assert shapes_of(sfu.convert_ldm_unet_checkpoint(ldm, unet_config)) == shapes_of(unet.state_dict())
     assert shapes_of(sfu.convert_ldm_vae_checkpoint(ldm, vae_config)) == shapes_of(vae.state_dict())
-    converted_text = shapes_of(sfu.convert_ldm_clip_checkpoint(ldm))
-    converted_text.pop("embeddings.position_ids")
-    assert converted_text == shapes_of(text.state_dict())
+    converted = shapes_of(converted_text)
+    extras = {"embeddings.position_ids", "text_projection.weight"}  # not CLIPTextModel tensors
+    assert {k: v for k, v in converted.items() if k not in extras} == shapes_of(text.state_dict())
 
 
 def test_presets_are_what_detection_reads_back():
@@ -172,7 +200,7 @@ def _output_stds(models, latent_hw=(16, 24)) -> dict[str, float]:
         context = models.text_encoder(ids)
         latents = torch.randn(2, 4, *latent_hw, generator=g)
         prediction = models.unet(latents, torch.tensor([999, 1]), context)
-        images = models.vae.decode(latents)
+        images = models.vae.decode(latents[:1, :, :16, :16])  # one 128x128 image: the VAE is the slow part on CPU
         encoded = models.vae.encode(images.clamp(-1, 1))
     outputs = {"text_encoder": context, "unet": prediction, "vae_decode": images, "vae_encode": encoded}
     for name, value in outputs.items():
@@ -180,29 +208,33 @@ def _output_stds(models, latent_hw=(16, 24)) -> dict[str, float]:
     return {name: value.std().item() for name, value in outputs.items()}
 
 
-def test_tiny_activations_are_finite_and_order_one(tiny_checkpoint):
-    stds = _output_stds(rtsd.models.load_checkpoint(tiny_checkpoint))
-    print("tiny output std:", stds)
+@pytest.mark.parametrize("checkpoint", ["tiny_checkpoint", "tiny_sd2_checkpoint"])
+def test_tiny_activations_are_finite_and_order_one(checkpoint, request):
+    stds = _output_stds(rtsd.models.load_checkpoint(request.getfixturevalue(checkpoint)))
+    print(f"{checkpoint} output std:", stds)
     assert all(0.05 < std < 5 for std in stds.values()), stds
 
 
 @pytest.mark.slow
-def test_sd15_write_load_and_forward(tmp_path):
-    path = tmp_path / "sd15.safetensors"
-    # A separate process, so that peak memory is the writer's alone: it streams one tensor at a time.
+@pytest.mark.parametrize("preset", ["sd15", "sd21"])
+def test_full_size_write_load_and_forward(tmp_path, preset):
+    path = tmp_path / f"{preset}.safetensors"
+    # A separate process, so that peak memory is the writer's alone: it streams one tensor at a time. VmHWM (this
+    # process image's peak RSS), not ru_maxrss, which a child inherits from the parent it was forked from.
     script = (
-        "import resource, sys; from rtsd.models.synthetic import write_checkpoint; "
-        "write_checkpoint(sys.argv[1], 'sd15'); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        "import re, sys; from rtsd.models.synthetic import write_checkpoint; write_checkpoint(sys.argv[1], sys.argv[2]); "
+        "print(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1))"
     )
-    peak_kib = int(subprocess.run([sys.executable, "-c", script, str(path)], check=True, capture_output=True,
-                                  text=True).stdout.split()[-1])  # fmt: skip
-    assert path.stat().st_size > 4.2e9
+    run = subprocess.run([sys.executable, "-c", script, str(path), preset], check=True, capture_output=True, text=True)
+    peak_kib = int(run.stdout.split()[-1])
+    data_bytes = sum(math.prod(spec.shape) * spec.dtype.itemsize for spec in checkpoint_specs(preset))
+    assert data_bytes < path.stat().st_size < data_bytes + 1_000_000  # tensors + header, nothing else
     assert peak_kib < 1.5e6, f"writer peak RSS {peak_kib / 1e6:.2f} GB"
 
     models = rtsd.models.load_checkpoint(path)
-    assert models.config == PRESETS["sd15"]
+    assert models.config == PRESETS[preset]
     stds = _output_stds(models, latent_hw=(32, 32))  # UNet at 256x256
-    print("sd15 output std:", stds)
+    print(f"{preset} output std:", stds, f"writer peak RSS {peak_kib / 1e6:.2f} GB")
     assert all(0.05 < std < 5 for std in stds.values()), stds
 
 

@@ -28,6 +28,9 @@ from rtsd.models.loading import COMPONENT_PREFIXES, SCHEDULE_KEYS, build_models
 
 # 12 layers as in ViT-L/14 (the key set is SD 1.5's); 128 wide = two of the 64-wide heads detection assumes.
 _TINY_TEXT = {"hidden_size": 128, "num_layers": 12, "num_heads": 2, "intermediate_size": 512}
+# SD 2.x: 64-wide UNet heads and Linear proj_in/out; OpenCLIP ViT-H/14 text tower, penultimate layer, pads with 0.
+_SD2_UNET = {"num_heads": -1, "num_head_channels": 64, "use_linear_in_transformer": True}
+_OPEN_CLIP = {"kind": "open_clip", "hidden_act": "gelu", "output_layer": -2, "pad_token_id": 0}
 
 PRESETS: dict[str, ModelConfig] = {
     # SD 1.5's block structure (4 levels, 2 res blocks, attention at 4/2/1, 8 heads) with few channels.
@@ -39,6 +42,22 @@ PRESETS: dict[str, ModelConfig] = {
     ),
     # Exactly SD 1.5 (v1-inference.yaml + CLIP ViT-L/14 text model).
     "sd15": ModelConfig(family="sd1"),
+    # SD 2.1's layout with few channels; 64 model channels is the least that 64-wide heads allow.
+    "tiny-sd2": ModelConfig(
+        family="sd2",
+        unet=UNetConfig(model_channels=64, context_dim=128, **_SD2_UNET),
+        vae=VAEConfig(ch=32),
+        text_encoder=TextEncoderConfig(**{**_TINY_TEXT, "num_layers": 24}, **_OPEN_CLIP),
+    ),
+    # Exactly SD 2.1 (v2-inference.yaml + OpenCLIP ViT-H/14 text tower). The weights do not say epsilon vs v
+    # prediction (2.1-base vs 2.1-768-v); like detection, the preset keeps the epsilon default.
+    "sd21": ModelConfig(
+        family="sd2",
+        unet=UNetConfig(context_dim=1024, **_SD2_UNET),
+        text_encoder=TextEncoderConfig(
+            hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096, **_OPEN_CLIP
+        ),
+    ),
 }
 
 _SAFETENSORS_DTYPES = {
@@ -156,8 +175,8 @@ def _text_extras(config: TextEncoderConfig, dtype: torch.dtype) -> list[TensorSp
 
 
 def _seed_for(seed: int, key: str) -> int:
-    # Each tensor's values depend only on (seed, key): presets that share keys share nothing else by accident,
-    # and the order tensors are generated in does not matter.
+    # Each tensor's values depend only on (seed, key, shape), never on the order tensors are generated in, so a
+    # layout change moves only the tensors it touches (presets with equal VAEs get equal VAE weights).
     digest = hashlib.sha256(f"{seed}/{key}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 

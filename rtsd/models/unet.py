@@ -244,7 +244,9 @@ class UNetModel(nn.Module):
         if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
             self._check_sample(sample)
         # A 0-d or (1,) timestep is broadcast over the batch; (N,) passes through unchanged.
-        timestep = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(sample.shape[0])
+        if not isinstance(timestep, torch.Tensor):  # a Python number, for convenience in eager use
+            timestep = torch.tensor(timestep, device=sample.device)
+        timestep = timestep.reshape(-1).expand(sample.shape[0])
         emb = self.time_embed(timestep_embedding(timestep, self.config.model_channels).to(sample.dtype))
         h = sample
         skips = []
