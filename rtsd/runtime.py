@@ -53,17 +53,18 @@ class Runtime:
                     chosen.load(self.engine_dir, manifest, COMPONENTS), manifest.source.get("sha256"))
 
     @classmethod
-    def from_reference(cls, models, shape_range: ShapeRange | None = None) -> "Runtime":
+    def from_reference(cls, models, shape_range: ShapeRange | None = None, config=None) -> "Runtime":
         """The same loop on the PyTorch reference models (needs torch): the parity oracle and benchmark baseline.
 
-        ``models`` comes from ``rtsd.models.load_checkpoint``; it runs on the models' device and dtype.
+        ``models`` comes from ``rtsd.models.load_checkpoint``; it runs on the models' device and dtype. ``config``
+        (e.g. an engine dir's ``manifest.model``) overrides what weights cannot tell, such as the prediction type.
         """
         from rtsd.engine.torch import TorchBackend
 
         runtime = cls.__new__(cls)
         runtime.engine_dir = None
         range_ = shape_range or ShapeRange(min_size=64, max_size=2048, opt_size=512, max_batch=16, size_multiple=64)
-        runtime._setup(models.config, range_, models.tokenizer, "torch", TorchBackend(models).load(), None)
+        runtime._setup(config or models.config, range_, models.tokenizer, "torch", TorchBackend(models).load(), None)
         return runtime
 
     def _setup(self, config, shape_range, tokenizer, backend_name, engines, source_sha256) -> None:

@@ -19,3 +19,27 @@ def tiny_sd2_checkpoint(tmp_path_factory):
     from rtsd.models.synthetic import write_checkpoint
 
     return write_checkpoint(tmp_path_factory.mktemp("checkpoints") / "tiny-sd2.safetensors", "tiny-sd2", seed=0)
+
+
+# One export per family per session: ONNX export of the tiny models takes tens of seconds on 2 cores.
+EXPORT_RANGE = dict(min_size=128, max_size=256, opt_size=128, max_batch=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine_dir(tiny_checkpoint, tmp_path_factory):
+    """An fp32 ONNX engine directory of the tiny SD 1.x checkpoint (sizes 128..256, up to 2 images per call)."""
+    from rtsd.export.pipeline import export
+    from rtsd.export.specs import ShapeRange
+
+    return export(tiny_checkpoint, tmp_path_factory.mktemp("engines") / "tiny", shape_range=ShapeRange(**EXPORT_RANGE),
+                  progress=None)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_engine_dir(tiny_sd2_checkpoint, tmp_path_factory):
+    """The same for tiny-sd2, exported as a v-prediction model (what SD 2.x 768-v checkpoints are)."""
+    from rtsd.export.pipeline import export
+    from rtsd.export.specs import ShapeRange
+
+    return export(tiny_sd2_checkpoint, tmp_path_factory.mktemp("engines") / "tiny-sd2",
+                  shape_range=ShapeRange(**EXPORT_RANGE), prediction_type="v_prediction", progress=None)

@@ -24,21 +24,21 @@ from rtsd.export.parity import FP32_MAX_REL_L2, compare, psnr
 from rtsd.export.pipeline import export
 from rtsd.export.specs import COMPONENTS, ShapeRange
 from rtsd.models import load_checkpoint
-from rtsd.models.synthetic import write_checkpoint
 from rtsd.runtime import Runtime
+from tests.conftest import EXPORT_RANGE
 from tests.diffusers_oracle import diffusers_pipeline, diffusers_scheduler
 
-RANGE = ShapeRange(min_size=128, max_size=256, opt_size=128, max_batch=2)
+RANGE = ShapeRange(**EXPORT_RANGE)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors", preset="tiny", seed=0)
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
-def engine_dir(checkpoint, tmp_path_factory):
-    return export(checkpoint, tmp_path_factory.mktemp("out") / "engines", shape_range=RANGE, progress=None)
+def engine_dir(tiny_engine_dir):
+    return tiny_engine_dir
 
 
 @pytest.fixture(scope="module")
@@ -49,13 +49,6 @@ def runtime(engine_dir):
 @pytest.fixture(scope="module")
 def reference(checkpoint):
     return load_checkpoint(checkpoint, dtype=torch.float32, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def state_dict(checkpoint):
-    from safetensors.torch import load_file
-
-    return load_file(str(checkpoint))
 
 
 def test_engine_dir_is_complete_and_self_describing(engine_dir, checkpoint):
@@ -91,13 +84,13 @@ def test_onnxruntime_engines_match_the_reference(runtime, reference, images, hei
     ("dpmpp_2m", {"use_karras_sigmas": True}),
 ])
 @pytest.mark.parametrize("guidance", [7.5, 1.0])
-def test_generate_matches_diffusers_pipeline(runtime, state_dict, engine_dir, scheduler, options, guidance):
+def test_generate_matches_diffusers_pipeline(runtime, checkpoint, engine_dir, scheduler, options, guidance):
     config = runtime.config
     latents = np.random.default_rng(3).standard_normal((1, 4, 16, 24), dtype=np.float32)
     prompt, negative = "a red fox in the snow, highly detailed", "blurry"
     ours = runtime.generate(prompt, negative, steps=8, guidance_scale=guidance, height=128, width=192,
                             scheduler=scheduler, scheduler_options=options, latents=latents).images[0]
-    pipe = diffusers_pipeline(state_dict, config, engine_dir / "tokenizer", diffusers_scheduler(scheduler, config, **options))
+    pipe = diffusers_pipeline(checkpoint, config, engine_dir / "tokenizer", diffusers_scheduler(scheduler, config, **options))
     with torch.inference_mode():
         theirs = pipe(prompt, negative_prompt=negative, num_inference_steps=8, guidance_scale=guidance, height=128,
                       width=192, latents=torch.from_numpy(latents), output_type="np").images[0]
@@ -105,7 +98,7 @@ def test_generate_matches_diffusers_pipeline(runtime, state_dict, engine_dir, sc
     assert value > 40, f"{scheduler} cfg={guidance}: PSNR {value:.1f} dB"
 
 
-def test_img2img_matches_diffusers_pipeline(runtime, state_dict, engine_dir, monkeypatch):
+def test_img2img_matches_diffusers_pipeline(runtime, checkpoint, engine_dir, monkeypatch):
     import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img as img2img
 
     config = runtime.config
@@ -118,7 +111,7 @@ def test_img2img_matches_diffusers_pipeline(runtime, state_dict, engine_dir, mon
     original = img2img.retrieve_latents
     monkeypatch.setattr(img2img, "retrieve_latents", lambda out, generator=None, sample_mode="sample":
                         original(out, generator, sample_mode="argmax"))
-    pipe = diffusers_pipeline(state_dict, config, engine_dir / "tokenizer", diffusers_scheduler("euler", config),
+    pipe = diffusers_pipeline(checkpoint, config, engine_dir / "tokenizer", diffusers_scheduler("euler", config),
                               img2img=True)
     with torch.inference_mode():
         theirs = pipe("a castle", image=init, strength=0.6, num_inference_steps=10, guidance_scale=5.0,

@@ -12,148 +12,25 @@ import json
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from diffusers.loaders import single_file_utils as sfu
-from safetensors.torch import load_file
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextModel
 
 import rtsd.models
 from rtsd.config import ModelConfig
 from rtsd.errors import CheckpointError, UnsupportedModelError
 from rtsd.models.synthetic import PRESETS
 from rtsd.models.text_encoder import build_text_encoder
+from tests.diffusers_oracle import Oracles, load_oracles
 
 TOLERANCE = 1e-5
 BATCH = 2
 LATENT_HW = (16, 24)  # UNet: non-square, multiples of 8 (three downsamplings must line up with the skips)
 VAE_LATENT_HW = (8, 12)  # VAE: 64x96 images
-OPEN_CLIP = "cond_stage_model.model."
 
 
 def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     assert torch.isfinite(actual).all()
     return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
-
-
-def ldm_original_config(config: ModelConfig) -> dict:
-    """The ``v1-inference.yaml`` / ``v2-inference.yaml`` structure diffusers' config converters read."""
-    u, v, s = config.unet, config.vae, config.scheduler
-    unet_params = {
-        "use_checkpoint": False,
-        "in_channels": u.in_channels,
-        "out_channels": u.out_channels,
-        "model_channels": u.model_channels,
-        "attention_resolutions": list(u.attention_resolutions),
-        "num_res_blocks": u.num_res_blocks,
-        "channel_mult": list(u.channel_mult),
-        "transformer_depth": u.transformer_depth,
-        "context_dim": u.context_dim,
-        "use_linear_in_transformer": u.use_linear_in_transformer,
-        "legacy": False,
-    }
-    if u.num_head_channels > 0:
-        unet_params["num_head_channels"] = u.num_head_channels
-    else:
-        unet_params["num_heads"] = u.num_heads
-    ddconfig = {
-        "double_z": True,
-        "z_channels": v.z_channels,
-        "resolution": 256,
-        "in_channels": v.in_channels,
-        "out_ch": v.out_ch,
-        "ch": v.ch,
-        "ch_mult": list(v.ch_mult),
-        "num_res_blocks": v.num_res_blocks,
-        "attn_resolutions": [],
-        "dropout": 0.0,
-    }
-    text_target = {
-        "clip": "ldm.modules.encoders.modules.FrozenCLIPEmbedder",
-        "open_clip": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
-    }[config.text_encoder.kind]
-    return {
-        "model": {
-            "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
-            "params": {
-                "linear_start": s.beta_start,
-                "linear_end": s.beta_end,
-                "timesteps": s.num_train_timesteps,
-                "scale_factor": v.scaling_factor,
-                "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet_params},
-                "first_stage_config": {
-                    "target": "ldm.models.autoencoder.AutoencoderKL",
-                    "params": {"embed_dim": v.embed_dim, "ddconfig": ddconfig},
-                },
-                "cond_stage_config": {"target": text_target, "params": {"layer": "penultimate"}}
-                if config.text_encoder.kind == "open_clip"
-                else {"target": text_target},
-            },
-        }
-    }
-
-
-def clip_text_config(config: ModelConfig) -> CLIPTextConfig:
-    t = config.text_encoder
-    return CLIPTextConfig(
-        vocab_size=t.vocab_size,
-        hidden_size=t.hidden_size,
-        intermediate_size=t.intermediate_size,
-        num_hidden_layers=t.num_layers,
-        num_attention_heads=t.num_heads,
-        max_position_embeddings=t.max_position_embeddings,
-        hidden_act=t.hidden_act,
-        layer_norm_eps=t.layer_norm_eps,
-        pad_token_id=t.pad_token_id,
-        bos_token_id=t.bos_token_id,
-        eos_token_id=t.eos_token_id,
-    )
-
-
-@dataclasses.dataclass
-class Oracles:
-    config: ModelConfig
-    ldm: dict[str, torch.Tensor]
-    unet: UNet2DConditionModel
-    vae: AutoencoderKL
-    text_encoder: CLIPTextModel
-
-
-def load_oracles(path, config: ModelConfig) -> Oracles:
-    ldm = load_file(str(path))
-    original = ldm_original_config(config)
-
-    unet_config = sfu.create_unet_diffusers_config_from_ldm(original, ldm)
-    unet = UNet2DConditionModel(**unet_config)
-    unet.load_state_dict(sfu.convert_ldm_unet_checkpoint(ldm, unet_config), strict=True)
-
-    vae_config = sfu.create_vae_diffusers_config_from_ldm(original, ldm)
-    vae = AutoencoderKL(**vae_config)
-    vae.load_state_dict(sfu.convert_ldm_vae_checkpoint(ldm, vae_config), strict=True)
-
-    text_encoder = CLIPTextModel(clip_text_config(config))
-    if config.text_encoder.kind == "clip":
-        text_state = sfu.convert_ldm_clip_checkpoint(ldm)
-    else:
-        # diffusers drops SD 2.x's last resblock (index 23: SD 2 never runs it) by full key name; a neutral prefix
-        # converts every layer, so that both the last and the penultimate layer can be compared.
-        prefix = "open_clip_text."
-        renamed = {prefix + k.removeprefix(OPEN_CLIP): v for k, v in ldm.items() if k.startswith(OPEN_CLIP)}
-        text_state = sfu.convert_open_clip_checkpoint(text_encoder, renamed, prefix=prefix)
-    if not any(key.startswith("text_model.") for key in text_encoder.state_dict()):
-        # transformers >= 5 flattened CLIPTextModel (no ``text_model.`` level); diffusers' converters still emit it.
-        text_state = {key.removeprefix("text_model."): value for key, value in text_state.items()}
-    missing, unexpected = text_encoder.load_state_dict(text_state, strict=False)
-    assert not missing, missing
-    # Not part of CLIPTextModel: the position_ids buffer (SD 1.x files) and the pooled projection (SD 2.x files).
-    assert {key.removeprefix("text_model.") for key in unexpected} <= {
-        "embeddings.position_ids",
-        "text_projection.weight",
-    }
-
-    for module in (unet, vae, text_encoder):
-        module.eval().requires_grad_(False)
-    return Oracles(config, ldm, unet, vae, text_encoder)
 
 
 @pytest.fixture(scope="module", params=["tiny", "tiny-sd2"])

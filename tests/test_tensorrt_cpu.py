@@ -246,25 +246,13 @@ def test_check_graph_reports_what_the_parser_would_reject():
     assert any("opset 25 is outside" in p for p in trt_support.check_graph(model))
 
 
-@pytest.fixture(scope="module")
-def tiny_onnx(tmp_path_factory):
-    """The four sub-models of the tiny synthetic checkpoint, exported with the project's exporter."""
-    pytest.importorskip("torch")
+@pytest.fixture(scope="module", params=["tiny", "tiny-sd2"])
+def tiny_onnx(request):
+    """The four sub-models of the tiny SD 1.x / SD 2.x checkpoints, exported with the project's exporter."""
     onnx = pytest.importorskip("onnx")
-    try:
-        from rtsd.export.onnx import export_component
-        from rtsd.models import load_checkpoint
-        from rtsd.models.synthetic import write_checkpoint
-    except ImportError as exc:
-        pytest.skip(f"the tiny reference models or the ONNX exporter are not importable yet: {exc}")
-    work = tmp_path_factory.mktemp("tiny_onnx")
-    models = load_checkpoint(write_checkpoint(work / "tiny.safetensors", "tiny"))
-    shape_range = ShapeRange(min_size=64, max_size=128, opt_size=64, max_batch=2)
-    graphs = {}
-    for component in COMPONENTS:
-        files = export_component(models, component, work / f"{component}.onnx", shape_range)
-        graphs[component] = onnx.load(str(files[0]), load_external_data=False)
-    return graphs
+    engine_dir = request.getfixturevalue({"tiny": "tiny_engine_dir", "tiny-sd2": "tiny_sd2_engine_dir"}[request.param])
+    return {component: onnx.load(str(engine_dir / f"{component}.onnx"), load_external_data=False)
+            for component in COMPONENTS}
 
 
 @pytest.mark.parametrize("component", COMPONENTS)

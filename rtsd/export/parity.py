@@ -112,7 +112,7 @@ def check_engine_dir(engine_dir: str | Path, checkpoint: str | Path, *, backend:
     runtime = Runtime(engine_dir, backend=backend)
     manifest = Manifest.read(engine_dir)
     models = load_checkpoint(checkpoint, dtype=torch.float32, device="cpu")
-    reference = Runtime.from_reference(models)
+    reference = Runtime.from_reference(models, config=manifest.model)  # prediction type as exported
     engines = runtime.engines
     precisions = {_precision(manifest, name, runtime.backend_name) for name in COMPONENTS}
     report = ParityReport(precision="fp16" if "fp16" in precisions else "fp32", backend=runtime.backend_name)
