@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="rebuild the stale TensorRT engines of an existing engine directory (with --backend tensorrt)")
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"),
                    help="override: weights cannot tell; default from the checkpoint's YAML, else epsilon")
+    p.add_argument("--clip-skip", type=int, default=None,
+                   help="condition on the N-th text-encoder layer from the end (1 = last; 2 = penultimate, SD 2.x's "
+                        "default); default: the family's own")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     p.set_defaults(run=_export)
 
@@ -117,7 +120,7 @@ def _export(args) -> int:
     trt = {"optimization_level": args.opt_level,
            "fp32_components": ("vae_decoder", "vae_encoder") if args.fp32_vae else ()}
     export(args.checkpoint, args.output, shape_range=shape_range, precision=args.precision, backend=args.backend,
-           prediction_type=args.prediction_type, overwrite=args.force,
+           prediction_type=args.prediction_type, overwrite=args.force, clip_skip=args.clip_skip,
            tensorrt_options=trt if args.backend == "tensorrt" else None)
     return 0
 

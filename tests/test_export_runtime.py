@@ -216,6 +216,35 @@ def test_fp16_onnx_export_passes_fp16_parity(checkpoint, tmp_path):
     assert (engines.stat().st_mode & 0o777) == 0o755
 
 
+def test_clip_skip_exports_the_penultimate_layer(checkpoint, tmp_path):
+    """--clip-skip 2 on SD 1.x: the text encoder ONNX returns transformers' hidden_states[-2] after final_layer_norm."""
+    import onnxruntime
+    from transformers import CLIPTextModel
+
+    from tests.diffusers_oracle import load_oracles
+
+    engines = export(checkpoint, tmp_path / "skip2", shape_range=RANGE, components=("text_encoder",), clip_skip=2,
+                     progress=None)
+    manifest = json.loads((engines / "manifest.json").read_text())
+    assert manifest["model"]["text_encoder"]["output_layer"] == -2
+    ids = np.random.default_rng(0).integers(0, 49406, (2, 77)).astype(np.int64)
+    ours = onnxruntime.InferenceSession(str(engines / "text_encoder.onnx")).run(None, {"input_ids": ids})[0]
+    oracle: CLIPTextModel = load_oracles(checkpoint, _config(checkpoint)).text_encoder
+    with torch.inference_mode():
+        hidden = oracle(torch.from_numpy(ids), output_hidden_states=True).hidden_states[-2]
+        expected = oracle.final_layer_norm(hidden) if hasattr(oracle, "final_layer_norm") else \
+            oracle.text_model.final_layer_norm(hidden)
+    assert compare(ours, expected.numpy()).rel_l2 < FP32_MAX_REL_L2
+    with pytest.raises(ValueError, match="clip skip must be 1..12"):
+        export(checkpoint, tmp_path / "bad", shape_range=RANGE, clip_skip=13, progress=None)
+
+
+def _config(checkpoint):
+    from rtsd.checkpoint import detect_config, open_checkpoint
+
+    return detect_config(open_checkpoint(checkpoint).shapes)
+
+
 def test_cli_generate_writes_png_with_parameters(engine_dir, tmp_path, capsys):
     out = tmp_path / "cat.png"
     code = main(["generate", str(engine_dir), "a cat", "-o", str(out), "--steps", "3", "--size", "128x192",

@@ -25,11 +25,13 @@ Progress = Callable[[str], None]
 def export(checkpoint: str | Path, output: str | Path, *, shape_range: ShapeRange | None = None,
            precision: str = "fp32", backend: str = "onnx", prediction_type: str | None = None,
            overwrite: bool = False, progress: Progress | None = print, tensorrt_options: dict | None = None,
-           components: Sequence[str] = COMPONENTS) -> Path:
+           components: Sequence[str] = COMPONENTS, clip_skip: int | None = None) -> Path:
     """Export ``checkpoint`` to the engine directory ``output``; returns its path.
 
     backend: "onnx" (ONNX files only, run with ONNX Runtime) or "tensorrt" (also builds fp16 .plan engines).
     prediction_type: overrides what the checkpoint's YAML (or the default, epsilon) says.
+    clip_skip: condition on the N-th text-encoder layer from the end (1 = last, SD 1.x's default; 2 = penultimate,
+        SD 2.x's default and a common SD 1.x choice); baked into the text encoder's ONNX and recorded in the manifest.
     """
     shape_range = shape_range or ShapeRange()
     output = Path(output)
@@ -53,7 +55,10 @@ def export(checkpoint: str | Path, output: str | Path, *, shape_range: ShapeRang
         chosen, origin = _prediction_type(prediction_type, read_prediction_type(checkpoint))
         config = dataclasses.replace(models.config,
                                      scheduler=dataclasses.replace(models.config.scheduler, prediction_type=chosen))
-        say(f"      {config.family}, prediction type {chosen} ({origin})")
+        if clip_skip is not None:
+            config = _with_clip_skip(models, config, clip_skip)
+        say(f"      {config.family}, prediction type {chosen} ({origin}), "
+            f"text layer {config.text_encoder.output_layer} (clip skip {-config.text_encoder.output_layer})")
 
     output.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
@@ -106,6 +111,21 @@ def _check_request(output: Path, overwrite: bool, precision: str, backend: str, 
         import onnx  # noqa: F401
     except ImportError as exc:
         raise MissingDependencyError(exc.name or "torch", "export", "Exporting a checkpoint") from None
+
+
+def _with_clip_skip(models, config, clip_skip: int):
+    """Rebuild the reference text encoder to stop at layer -clip_skip (same weights); return the updated config."""
+    from rtsd.models.text_encoder import build_text_encoder
+
+    layers = config.text_encoder.num_layers
+    if not 1 <= clip_skip <= layers:
+        raise ValueError(f"clip skip must be 1..{layers} for this text encoder, got {clip_skip}")
+    text_config = dataclasses.replace(config.text_encoder, output_layer=-clip_skip)
+    encoder = build_text_encoder(text_config).to(next(models.text_encoder.parameters()).dtype).eval()
+    encoder.load_state_dict(models.text_encoder.state_dict(), strict=True)
+    models.text_encoder = encoder
+    models.config = dataclasses.replace(models.config, text_encoder=text_config)
+    return dataclasses.replace(config, text_encoder=text_config)
 
 
 def _prediction_type(requested: str | None, from_yaml: str | None) -> tuple[str, str]:
