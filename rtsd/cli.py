@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-skip", type=int, default=None,
                    help="condition on the N-th text-encoder layer from the end (1 = last; 2 = penultimate, SD 2.x's "
                         "default); default: the family's own")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip the parity check of the written engines against the PyTorch reference")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     p.set_defaults(run=_export)
 
@@ -121,6 +123,7 @@ def _export(args) -> int:
            "fp32_components": ("vae_decoder", "vae_encoder") if args.fp32_vae else ()}
     export(args.checkpoint, args.output, shape_range=shape_range, precision=args.precision, backend=args.backend,
            prediction_type=args.prediction_type, overwrite=args.force, clip_skip=args.clip_skip,
+           check=not args.no_check,
            tensorrt_options=trt if args.backend == "tensorrt" else None)
     return 0
 

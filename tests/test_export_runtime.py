@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from rtsd.cli import main
-from rtsd.errors import EngineDirError
+from rtsd.errors import EngineDirError, RtsdError
 from rtsd.export.manifest import Manifest
 from rtsd.export.parity import FP32_MAX_REL_L2, compare, psnr
 from rtsd.export.pipeline import export
@@ -57,6 +57,9 @@ def test_engine_dir_is_complete_and_self_describing(engine_dir, checkpoint):
     assert manifest.source["sha256"] == __import__("hashlib").sha256(checkpoint.read_bytes()).hexdigest()
     assert manifest.model.family == "sd1" and manifest.shape_range == RANGE
     assert manifest.components["unet"]["profile"]["sample"]["max"] == [4, 4, 32, 32]
+    for name in COMPONENTS:  # export checked what it wrote against the reference and recorded it
+        parity = manifest.components[name]["parity"]
+        assert parity["passed"] and parity["rel_l2"] < FP32_MAX_REL_L2 and parity["backend"] == "onnxruntime"
     assert (engine_dir / "tokenizer" / "tokenizer.json").is_file()
     assert not [p for p in engine_dir.parent.iterdir() if p.name.startswith(".")], "temporary export dirs left behind"
     import onnx
@@ -243,6 +246,22 @@ def _config(checkpoint):
     from rtsd.checkpoint import detect_config, open_checkpoint
 
     return detect_config(open_checkpoint(checkpoint).shapes)
+
+
+def test_export_refuses_engines_that_fail_parity(checkpoint, tmp_path, monkeypatch):
+    """An engine that disagrees with the reference is never delivered: simulate a broken UNet graph."""
+    import rtsd.engine.onnxruntime as ort_backend
+
+    original = ort_backend.OnnxRuntimeEngine.infer
+
+    def off_by_a_bit(self, feeds):
+        out = original(self, feeds)
+        return {k: v * 1.01 for k, v in out.items()} if self.name == "unet" else out
+
+    monkeypatch.setattr(ort_backend.OnnxRuntimeEngine, "infer", off_by_a_bit)
+    with pytest.raises(RtsdError, match=r"unet 2x4x16x16: rel_l2 < 1e-04 not met .*no engine directory was written"):
+        export(checkpoint, tmp_path / "engines", shape_range=RANGE, progress=None)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_generate_writes_png_with_parameters(engine_dir, tmp_path, capsys):

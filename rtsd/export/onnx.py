@@ -125,7 +125,8 @@ def save(model, target: Path) -> list[Path]:
     (the in-memory variants cannot handle > 2 GB models)."""
     import onnx
 
-    external = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+    # ModelProto.ByteSize() itself fails past 2 GiB; the weights are what makes a model large.
+    external = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
     data_name = target.name + ".data"
     if external:
         onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -134,4 +135,7 @@ def save(model, target: Path) -> list[Path]:
         onnx.save_model(model, str(target))
     onnx.shape_inference.infer_shapes_path(str(target), str(target))
     onnx.checker.check_model(str(target))
-    return [target, target.with_name(data_name)] if external else [target]
+    files = [target, target.with_name(data_name)] if external else [target]
+    for path in files:
+        path.chmod(0o644)  # onnx writes external data owner-only; serving processes of other users read it
+    return files

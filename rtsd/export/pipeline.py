@@ -25,13 +25,15 @@ Progress = Callable[[str], None]
 def export(checkpoint: str | Path, output: str | Path, *, shape_range: ShapeRange | None = None,
            precision: str = "fp32", backend: str = "onnx", prediction_type: str | None = None,
            overwrite: bool = False, progress: Progress | None = print, tensorrt_options: dict | None = None,
-           components: Sequence[str] = COMPONENTS, clip_skip: int | None = None) -> Path:
+           components: Sequence[str] = COMPONENTS, clip_skip: int | None = None, check: bool = True) -> Path:
     """Export ``checkpoint`` to the engine directory ``output``; returns its path.
 
     backend: "onnx" (ONNX files only, run with ONNX Runtime) or "tensorrt" (also builds fp16 .plan engines).
     prediction_type: overrides what the checkpoint's YAML (or the default, epsilon) says.
     clip_skip: condition on the N-th text-encoder layer from the end (1 = last, SD 1.x's default; 2 = penultimate,
         SD 2.x's default and a common SD 1.x choice); baked into the text encoder's ONNX and recorded in the manifest.
+    check: run every engine written against the reference at the smallest exported size (DESIGN.md thresholds);
+        the metrics go into the manifest, and an engine past its threshold fails the export (nothing is written).
     """
     shape_range = shape_range or ShapeRange()
     output = Path(output)
@@ -47,7 +49,8 @@ def export(checkpoint: str | Path, output: str | Path, *, shape_range: ShapeRang
     from rtsd.export.onnx import export_component
     from rtsd.models import load_checkpoint
 
-    stages = 3 + len(components) + (backend == "tensorrt")
+    check = check and tuple(components) == COMPONENTS
+    stages = 3 + len(components) + (backend == "tensorrt") + check
     stage = _Stages(stages, say)
     with stage("reading checkpoint"):
         source = open_checkpoint(checkpoint)
@@ -87,12 +90,36 @@ def export(checkpoint: str | Path, output: str | Path, *, shape_range: ShapeRang
 
             with stage("building TensorRT engines (fp16)"):
                 build_engines(work, manifest, progress=say, **(tensorrt_options or {}))
+        if check:
+            with stage(f"checking every engine against the PyTorch reference ({shape_range.min_size} px)"):
+                _check_parity(work, models, backend, shape_range)
         _replace_dir(work, output)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     say(f"engine directory ready: {output}")
     return output
+
+
+def _check_parity(work: Path, models, backend: str, shape_range: ShapeRange) -> None:
+    """Record per-engine parity in the manifest; refuse to deliver an engine directory that fails it."""
+    from rtsd.export.parity import check_against_reference
+
+    size = shape_range.min_size
+    report = check_against_reference(work, models, backend="tensorrt" if backend == "tensorrt" else "onnxruntime",
+                                     shapes=((1, size, size),), steps=0)
+    manifest = Manifest.read(work)
+    for check in report.checks:
+        name = check.name.split()[0]
+        manifest.components[name]["parity"] = {"backend": report.backend, "inputs": check.name.split()[1],
+                                               "criterion": check.criterion, "passed": check.passed,
+                                               **check.metrics.to_dict()}
+    manifest.write(work)
+    failed = [f"{c.name}: {c.criterion} not met (rel_l2 {c.metrics.rel_l2:.1e}, cosine {c.metrics.cosine:.6f})"
+              for c in report.checks if not c.passed]
+    if failed:
+        raise RtsdError(f"engines do not match the PyTorch reference ({'; '.join(failed)}), so no engine directory "
+                        f"was written; `rtsd export ... --no-check` keeps them anyway")
 
 
 def _check_request(output: Path, overwrite: bool, precision: str, backend: str, prediction_type: str | None) -> None:
