@@ -17,6 +17,10 @@ class EngineDirError(RtsdError, ValueError):
     """An engine directory that is missing files, has an unknown format version, or stale engines."""
 
 
+class NonFiniteOutputError(RtsdError, FloatingPointError):
+    """An engine returned inf/NaN (fp16 overflow); writing it out would give a black or noisy image."""
+
+
 class MissingDependencyError(RtsdError, ImportError):
     """An optional dependency (torch, onnx, onnxruntime, tensorrt, ...) is needed for this path."""
 

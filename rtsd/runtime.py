@@ -24,7 +24,7 @@ import numpy as np
 
 from rtsd import schedulers
 from rtsd.engine import get_backend
-from rtsd.errors import RtsdError
+from rtsd.errors import NonFiniteOutputError, RtsdError
 from rtsd.export.manifest import Manifest
 from rtsd.export.specs import COMPONENTS, ShapeRange
 from rtsd.tokenizer import Tokenizer
@@ -148,8 +148,8 @@ class Runtime:
         pixels = self.engines["vae_decoder"].to_host(pixels)
         timings["vae_decode"] = time.perf_counter() - t0
         if not np.isfinite(pixels).all():
-            raise FloatingPointError("the VAE decoder produced non-finite values (fp16 overflow?); re-export with an "
-                                     "fp32 VAE (`rtsd export --fp32-vae`) instead of writing a black image")
+            raise NonFiniteOutputError("the VAE decoder produced non-finite values (fp16 overflow?); re-export with an "
+                                       "fp32 VAE (`rtsd export --fp32-vae`) instead of writing a black image")
         images = _to_pil(pixels)
         timings["total"] = time.perf_counter() - start
         parameters = {"prompt": prompts[0] if n == 1 else prompts, "negative_prompt": negatives[0] if n == 1 else negatives,

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from rtsd.cli import main
-from rtsd.errors import EngineDirError, RtsdError
+from rtsd.errors import EngineDirError, NonFiniteOutputError, RtsdError
 from rtsd.export.manifest import Manifest
 from rtsd.export.parity import FP32_MAX_REL_L2, compare, psnr
 from rtsd.export.pipeline import export
@@ -156,6 +156,20 @@ def test_bad_requests_fail_before_any_engine_runs(engine_dir, kwargs, error, mat
         engine.infer = lambda feeds: pytest.fail("an engine ran for a request that should have been refused")
     with pytest.raises(error, match=match):
         runtime.generate("a", **{"height": 128, "width": 128, "steps": 4, **kwargs})
+
+
+def test_non_finite_decoder_output_is_reported_not_saved(engine_dir, tmp_path, monkeypatch, capsys):
+    runtime = Runtime(engine_dir, backend="onnxruntime")
+    decoder = runtime.engines["vae_decoder"]
+    monkeypatch.setattr(decoder, "infer", lambda feeds: {"images": np.full((1, 3, 128, 128), np.nan, np.float32)})
+    with pytest.raises(NonFiniteOutputError, match="non-finite.*--fp32-vae"):
+        runtime.generate("a", steps=2, height=128, width=128)
+    import rtsd.runtime as runtime_module
+
+    monkeypatch.setattr(runtime_module.Runtime, "__init__", lambda self, *a, **k: self.__dict__.update(runtime.__dict__))
+    out = tmp_path / "x.png"
+    assert main(["generate", str(engine_dir), "a", "-o", str(out), "--steps", "2", "--size", "128x128"]) == 2
+    assert "non-finite" in capsys.readouterr().err and not out.exists()
 
 
 def test_broken_engine_dirs_are_refused(engine_dir, tmp_path):

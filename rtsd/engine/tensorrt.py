@@ -32,7 +32,7 @@ import numpy as np
 from rtsd.engine.cuda import (EventTimer, GpuDependencyError, GraphCache, GrowOnlyBuffers, cuda_device,
                               data_pointer, to_host)
 from rtsd.engine.staleness import HostInfo, rebuild_command, stale_message, stale_reasons
-from rtsd.errors import EngineDirError, RtsdError
+from rtsd.errors import EngineDirError, NonFiniteOutputError
 from rtsd.export.manifest import Manifest
 from rtsd.export.specs import IOSpec
 
@@ -42,10 +42,6 @@ BELOW_TENSORRT = (11, 0)
 TENSORRT_REQUIREMENT = "tensorrt>=10.1,<11"
 MAX_GRAPH_SHAPES = 8
 SIZE_STEP = 64  # export flags are suggested in multiples of this (ShapeRange's default size_multiple)
-
-
-class NonFiniteOutputError(RtsdError, FloatingPointError):
-    """An engine returned inf/NaN (fp16 overflow); writing it out would give a black or noisy image."""
 
 
 def import_tensorrt(purpose: str):
