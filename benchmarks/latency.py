@@ -484,7 +484,7 @@ def _merge(rounds: list[dict], plan: Plan) -> dict:
         cpu = [x for r in rounds for x in key_path(r)["cpu_s"]]
         shares = [c / w / plan.threads for c, w in zip(cpu, wall) if w > 0]
         return {"median_s": statistics.median(wall), "min_s": min(wall), "max_s": max(wall), "runs": len(wall),
-                "samples_s": wall, "cpu_share": statistics.median(shares) if shares else None}
+                "samples_s": wall, "cpu_share": statistics.median(shares) if shares else None, "cpu_shares": shares}
 
     stages = {stage: summary(lambda r, s=stage: r["stages"][s]) for stage in STAGES}
     end_to_end = summary(lambda r: r["end_to_end"])
