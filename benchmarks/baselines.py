@@ -9,8 +9,8 @@
 
 Both baselines run in float32 on the CPU and float16 on CUDA, with PyTorch's scaled-dot-product attention (SDPA),
 the best ordinary setting of each. On the CPU their weights are copied into private memory after loading (see
-``private_copy``). The diffusers construction mirrors tests/diffusers_oracle.py (a test-only module benchmarks must
-not import) but builds on the meta device and loads by assignment: one copy of the weights, not two.
+``private_copy``). The diffusers pipeline is the one the tests use as their oracle (tests/diffusers_oracle.py: built
+on the meta device and loaded by assignment, one copy of the weights).
 
 Interface of a contender: ``config``, ``settings(threads)``, ``stage_calls(prompts, unet_feeds, vae_feeds)`` -> one
 synchronous callable per stage, ``generate(...)`` -> (uint8 images, timings), ``close()``.
@@ -82,64 +82,6 @@ def reference_settings(device: str, threads: int | None) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- diffusers
 
-def ldm_original_config(config: ModelConfig) -> dict:
-    """The v1-/v2-inference.yaml structure for ``config``: what diffusers' single-file converters read."""
-    u, v, s = config.unet, config.vae, config.scheduler
-    unet_params = {"in_channels": u.in_channels, "out_channels": u.out_channels, "model_channels": u.model_channels,
-                   "attention_resolutions": list(u.attention_resolutions), "num_res_blocks": u.num_res_blocks,
-                   "channel_mult": list(u.channel_mult), "use_spatial_transformer": True,
-                   "transformer_depth": u.transformer_depth, "context_dim": u.context_dim,
-                   "use_linear_in_transformer": u.use_linear_in_transformer, "legacy": False, "image_size": 32}
-    if u.num_head_channels > 0:
-        unet_params["num_head_channels"] = u.num_head_channels
-    else:
-        unet_params["num_heads"] = u.num_heads
-    return {"model": {"params": {
-        "linear_start": s.beta_start, "linear_end": s.beta_end, "timesteps": s.num_train_timesteps,
-        "scale_factor": v.scaling_factor, "parameterization": "v" if s.prediction_type == "v_prediction" else "eps",
-        "unet_config": {"params": unet_params},
-        "first_stage_config": {"params": {"embed_dim": v.embed_dim, "ddconfig": {
-            "double_z": True, "z_channels": v.z_channels, "resolution": 256, "in_channels": v.in_channels,
-            "out_ch": v.out_ch, "ch": v.ch, "ch_mult": list(v.ch_mult), "num_res_blocks": v.num_res_blocks,
-            "attn_resolutions": [], "dropout": 0.0}}},
-    }}}
-
-
-def diffusers_models(state_dict: dict, config: ModelConfig, dtype, device: str):
-    """(UNet2DConditionModel, AutoencoderKL, CLIPTextModel) from an LDM state dict, built on the meta device and
-    loaded by assignment (one copy of the weights), then moved to ``device`` in ``dtype``."""
-    from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.loaders import single_file_utils as sfu
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    def load(module, weights):
-        module.load_state_dict({k: t.to(dtype) for k, t in weights.items()}, strict=True, assign=True)
-        return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
-
-    original = ldm_original_config(config)
-    unet_config = sfu.create_unet_diffusers_config_from_ldm(original, state_dict)
-    vae_config = sfu.create_vae_diffusers_config_from_ldm(original, state_dict, scaling_factor=config.vae.scaling_factor)
-    te = config.text_encoder
-    text_config = CLIPTextConfig(vocab_size=te.vocab_size, hidden_size=te.hidden_size,
-                                 intermediate_size=te.intermediate_size, num_hidden_layers=te.num_layers,
-                                 num_attention_heads=te.num_heads, max_position_embeddings=te.max_position_embeddings,
-                                 hidden_act=te.hidden_act, layer_norm_eps=te.layer_norm_eps,
-                                 bos_token_id=te.bos_token_id, eos_token_id=te.eos_token_id, pad_token_id=1)
-    with init_empty_weights():
-        unet = UNet2DConditionModel(**unet_config)
-        vae = AutoencoderKL(**vae_config)
-        text_encoder = CLIPTextModel(text_config)
-    unet = load(unet, sfu.convert_ldm_unet_checkpoint(state_dict, unet_config))
-    vae = load(vae, sfu.convert_ldm_vae_checkpoint(state_dict, vae_config))
-    clip = sfu.convert_ldm_clip_checkpoint(state_dict)
-    clip.pop("text_model.embeddings.position_ids", None)
-    if not any(k.startswith("text_model.") for k in text_encoder.state_dict()):  # transformers 5 dropped the prefix
-        clip = {k.removeprefix("text_model."): v for k, v in clip.items()}
-    text_encoder = load(text_encoder, clip)  # its position_ids buffer is non-persistent: built, not loaded
-    return unet, vae, text_encoder
-
-
 def diffusers_scheduler(name: str, config: ModelConfig):
     """The diffusers class of rtsd scheduler ``name``, on the checkpoint's training schedule, with the options that
     make it the same algorithm as rtsd's defaults (as in benchmarks/scheduler_step.py)."""
@@ -163,24 +105,18 @@ class DiffusersContender:
 
     def __init__(self, checkpoint: str | Path, tokenizer_dir: Path, scheduler: str, device: str):
         import diffusers
-        from diffusers import StableDiffusionPipeline
-        from safetensors.torch import load_file
-        from transformers import CLIPTokenizer
 
         from rtsd.checkpoint import detect_config, open_checkpoint
+        from tests.diffusers_oracle import diffusers_pipeline
 
         diffusers.utils.logging.set_verbosity_error()
         config = detect_config(open_checkpoint(checkpoint).shapes)
         self.config, self.device, self.dtype = config, device, torch_device_dtype(device)
-        unet, vae, text_encoder = diffusers_models(load_file(str(checkpoint)), config, self.dtype, device)
+        self.pipe = diffusers_pipeline(checkpoint, config, tokenizer_dir, diffusers_scheduler(scheduler, config),
+                                       dtype=self.dtype, device=device)
         if device == "cpu":
-            for module in (unet, vae, text_encoder):
+            for module in (self.pipe.unet, self.pipe.vae, self.pipe.text_encoder):
                 private_copy(module)
-        tokenizer = CLIPTokenizer(str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"),
-                                  model_max_length=config.text_encoder.max_position_embeddings)
-        self.pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                            scheduler=diffusers_scheduler(scheduler, config), safety_checker=None,
-                                            feature_extractor=None, requires_safety_checker=False)
         self.pipe.set_progress_bar_config(disable=True)
         self._step_seconds = 0.0
         original_step = self.pipe.scheduler.step
@@ -330,63 +266,26 @@ def load_contender(name: str, *, checkpoint: str, device: str, scheduler: str, t
         return DiffusersContender(checkpoint, work / "tokenizer", scheduler, device)
     if name == "pytorch-reference":
         return RuntimeContender(reference_runtime(checkpoint, device), reference_settings(device, threads), scheduler)
-    if ort_config:
-        _configure_ort_sessions(ort_config)
-    runtime = _engine_runtime(name, engine_dir, threads)
+    runtime = _engine_runtime(name, engine_dir, threads, ort_config)
     settings = _engine_settings(runtime, name)
     if ort_config:
         settings["session_config"] = ",".join(f"{k}={v}" for k, v in ort_config.items())
     return RuntimeContender(runtime, settings, scheduler)
 
 
-def _configure_ort_sessions(entries: dict[str, str]) -> None:
-    """Add config entries to every ONNX Runtime session this process creates. rtsd's backend builds its own
-    SessionOptions with no hook for extra entries, so this worker-process-only experiment wraps the class."""
-    import onnxruntime
-
-    base = onnxruntime.SessionOptions
-
-    class ConfiguredSessionOptions(base):
-        def __init__(self):
-            super().__init__()
-            for key, value in entries.items():
-                self.add_session_config_entry(key, value)
-
-    onnxruntime.SessionOptions = ConfiguredSessionOptions
-
-
-def _engine_runtime(name: str, engine_dir: str, threads: int):
+def _engine_runtime(name: str, engine_dir: str, threads: int, ort_config: dict[str, str] | None):
+    from rtsd.engine.onnxruntime import OnnxRuntimeBackend
     from rtsd.runtime import Runtime
 
     if name == "tensorrt":
         return Runtime(engine_dir, backend="tensorrt")
     import onnxruntime
 
-    cuda_available = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
-    if name == "onnxruntime-cuda" and not cuda_available:
+    if name == "onnxruntime-cuda" and "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         raise SystemExit("error: onnxruntime-cuda needs onnxruntime-gpu and a visible GPU")
-    if name == "onnxruntime-cpu" and cuda_available:
-        return _cpu_only_runtime(engine_dir, threads)
-    return Runtime(engine_dir, backend="onnxruntime")
-
-
-def _cpu_only_runtime(engine_dir: str, threads: int):
-    """The ONNX Runtime backend pinned to the CPU provider where onnxruntime-gpu would pick CUDA. Runtime has no
-    public way to pass a configured backend, so this mirrors Runtime.__init__ with one (see benchmarks/README.md)."""
-    from rtsd.engine.onnxruntime import OnnxRuntimeBackend
-    from rtsd.export.manifest import Manifest
-    from rtsd.export.specs import COMPONENTS
-    from rtsd.runtime import Runtime
-    from rtsd.tokenizer import Tokenizer
-
-    backend = OnnxRuntimeBackend(providers=["CPUExecutionProvider"], threads=threads)
-    manifest = Manifest.read(Path(engine_dir))
-    runtime = Runtime.__new__(Runtime)
-    runtime.engine_dir = Path(engine_dir)
-    runtime._setup(manifest.model, manifest.shape_range,
-                   Tokenizer.load(Path(engine_dir) / manifest.tokenizer["directory"]), backend.name,
-                   backend.load(Path(engine_dir), manifest, COMPONENTS), manifest.source.get("sha256"))
-    return runtime
+    provider = "CUDAExecutionProvider" if name == "onnxruntime-cuda" else "CPUExecutionProvider"
+    return Runtime(engine_dir, backend=OnnxRuntimeBackend(providers=[provider], threads=threads,
+                                                           session_config=ort_config))
 
 
 def _engine_settings(runtime, name: str) -> dict:

@@ -24,6 +24,7 @@ import numpy as np
 
 from rtsd import schedulers
 from rtsd.engine import get_backend
+from rtsd.engine.base import Backend
 from rtsd.errors import NonFiniteOutputError, RtsdError
 from rtsd.export.manifest import Manifest
 from rtsd.export.specs import COMPONENTS, ShapeRange
@@ -43,10 +44,13 @@ class GenerationResult:
 class Runtime:
     """Loads an engine directory once; ``generate`` can then be called any number of times."""
 
-    def __init__(self, engine_dir: str | Path, backend: str | None = None):
+    def __init__(self, engine_dir: str | Path, backend: "str | Backend | None" = None):
+        """backend: None (TensorRT if the directory has plans and TensorRT runs here, else ONNX Runtime), a name
+        ("tensorrt", "onnxruntime"), or a configured backend object, e.g.
+        ``OnnxRuntimeBackend(providers=["CPUExecutionProvider"], threads=4)``."""
         self.engine_dir = Path(engine_dir)
         manifest = Manifest.read(self.engine_dir)
-        chosen = get_backend(backend or _default_backend(manifest))
+        chosen = backend if isinstance(backend, Backend) else get_backend(backend or _default_backend(manifest))
         manifest.check_files(self.engine_dir, backend=chosen.name)
         tokenizer = Tokenizer.load(self.engine_dir / manifest.tokenizer["directory"])
         self._setup(manifest.model, manifest.shape_range, tokenizer, chosen.name,

@@ -103,19 +103,25 @@ class Oracles:
     text_encoder: CLIPTextModel
 
 
-def load_oracles(path, config: ModelConfig) -> Oracles:
+def load_oracles(path, config: ModelConfig, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Oracles:
+    """diffusers' UNet/VAE and transformers' CLIPTextModel from the single file at ``path``, in ``dtype`` on ``device``.
+
+    Modules are built without allocating weights and take the converted tensors by assignment: one copy of the
+    weights even for full-size checkpoints (benchmarks/ uses this as its diffusers baseline too).
+    """
+    from accelerate import init_empty_weights
+
     ldm = load_file(str(path))
     original = ldm_original_config(config)
-
     unet_config = sfu.create_unet_diffusers_config_from_ldm(original, ldm)
-    unet = UNet2DConditionModel(**unet_config)
-    unet.load_state_dict(sfu.convert_ldm_unet_checkpoint(ldm, unet_config), strict=True)
-
     vae_config = sfu.create_vae_diffusers_config_from_ldm(original, ldm)
-    vae = AutoencoderKL(**vae_config)
-    vae.load_state_dict(sfu.convert_ldm_vae_checkpoint(ldm, vae_config), strict=True)
+    with init_empty_weights():
+        unet = UNet2DConditionModel(**unet_config)
+        vae = AutoencoderKL(**vae_config)
+        text_encoder = CLIPTextModel(clip_text_config(config))
+    _assign(unet, sfu.convert_ldm_unet_checkpoint(ldm, unet_config), dtype)
+    _assign(vae, sfu.convert_ldm_vae_checkpoint(ldm, vae_config), dtype)
 
-    text_encoder = CLIPTextModel(clip_text_config(config))
     if config.text_encoder.kind == "clip":
         text_state = sfu.convert_ldm_clip_checkpoint(ldm)
     else:
@@ -127,17 +133,19 @@ def load_oracles(path, config: ModelConfig) -> Oracles:
     if not any(key.startswith("text_model.") for key in text_encoder.state_dict()):
         # transformers >= 5 flattened CLIPTextModel (no ``text_model.`` level); diffusers' converters still emit it.
         text_state = {key.removeprefix("text_model."): value for key, value in text_state.items()}
-    missing, unexpected = text_encoder.load_state_dict(text_state, strict=False)
-    assert not missing, missing
     # Not part of CLIPTextModel: the position_ids buffer (SD 1.x files) and the pooled projection (SD 2.x files).
-    assert {key.removeprefix("text_model.") for key in unexpected} <= {
-        "embeddings.position_ids",
-        "text_projection.weight",
-    }
+    extras = {k for k in text_state if k.removeprefix("text_model.") in ("embeddings.position_ids",
+                                                                         "text_projection.weight")}
+    _assign(text_encoder, {k: v for k, v in text_state.items() if k not in extras}, dtype)
 
     for module in (unet, vae, text_encoder):
-        module.eval().requires_grad_(False)
+        module.to(device=device).eval().requires_grad_(False)
     return Oracles(config, ldm, unet, vae, text_encoder)
+
+
+def _assign(module: torch.nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """Strict load by assignment (the module was built on the meta device), in ``dtype``."""
+    module.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
 
 
 DIFFUSERS_SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
@@ -155,17 +163,18 @@ def diffusers_scheduler(name: str, config: ModelConfig, **options):
                timestep_spacing=s.timestep_spacing, steps_offset=s.steps_offset, **options)
 
 
-def diffusers_pipeline(path, config: ModelConfig, tokenizer_dir, scheduler, img2img: bool = False):
+def diffusers_pipeline(path, config: ModelConfig, tokenizer_dir, scheduler, img2img: bool = False,
+                       dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """A diffusers StableDiffusion(Img2Img)Pipeline on the checkpoint at ``path``; tokenizer = transformers'
     CLIPTokenizer on the vocabulary files of the engine dir, padding as the family was trained (SD 2.x: "!" = id 0).
     """
     from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
-    oracles = load_oracles(path, config)
+    oracles = load_oracles(path, config, dtype=dtype, device=device)
     unet, vae, text_encoder = oracles.unet, oracles.vae, oracles.text_encoder
     if config.text_encoder.output_layer == -2:
-        text_encoder = _drop_last_layer(text_encoder, config)
+        text_encoder = _drop_last_layer(text_encoder, config).to(device=device, dtype=dtype)
     pad = {} if config.text_encoder.pad_token_id == config.text_encoder.eos_token_id else {"pad_token": "!"}
     tokenizer = CLIPTokenizer(str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"),
                               model_max_length=config.text_encoder.max_position_embeddings, **pad)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from types import ModuleType
-from typing import Any, Mapping, Protocol
+from typing import Any, Mapping, Protocol, runtime_checkable
 
 from rtsd.export.manifest import Manifest
 from rtsd.export.specs import IOSpec
@@ -40,6 +40,7 @@ class Engine(Protocol):
         """Release device memory and sessions."""
 
 
+@runtime_checkable
 class Backend(Protocol):
     name: str  # "onnxruntime" | "tensorrt"
 

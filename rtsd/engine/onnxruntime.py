@@ -26,12 +26,15 @@ class OnnxRuntimeEngine:
 
     xp = np
 
-    def __init__(self, name: str, path: Path, spec: IOSpec, providers: list[str], threads: int | None = None):
+    def __init__(self, name: str, path: Path, spec: IOSpec, providers: list[str], threads: int | None = None,
+                 session_config: Mapping[str, str] | None = None):
         ort = _ort()
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
+        for key, value in (session_config or {}).items():
+            options.add_session_config_entry(key, value)
         self.name, self.spec = name, spec
         try:
             self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
@@ -57,14 +60,24 @@ class OnnxRuntimeEngine:
         self.session = None
 
 
+# Worker threads that spin between the (long) SD operators only steal the cores the next operator needs: measured
+# on 2 cores, identical UNet calls took 2.7 s or 5.7 s with spinning and 2.5 s +-6% without (benchmarks/README.md).
+CPU_SESSION_CONFIG = {"session.intra_op.allow_spinning": "0"}
+
+
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
-    def __init__(self, providers: list[str] | None = None, threads: int | None = None):
+    def __init__(self, providers: list[str] | None = None, threads: int | None = None,
+                 session_config: Mapping[str, str] | None = None):
+        """providers: default CUDA when onnxruntime-gpu sees a GPU, else CPU. threads: intra-op threads (default
+        RTSD_ORT_THREADS or all cores). session_config: ONNX Runtime session config entries (CPU default:
+        CPU_SESSION_CONFIG)."""
         ort = _ort()
         available = ort.get_available_providers()
         self.providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         self.threads = threads or int(os.environ.get("RTSD_ORT_THREADS", "0")) or None
+        self.session_config = dict(CPU_SESSION_CONFIG if self.device == "cpu" else {}, **(session_config or {}))
 
     @property
     def device(self) -> str:
@@ -72,5 +85,5 @@ class OnnxRuntimeBackend:
 
     def load(self, engine_dir: Path, manifest: Manifest, components: tuple[str, ...]) -> dict[str, OnnxRuntimeEngine]:
         return {name: OnnxRuntimeEngine(name, manifest.onnx_path(engine_dir, name), manifest.spec(name),
-                                        self.providers, self.threads)
+                                        self.providers, self.threads, self.session_config)
                 for name in components}
