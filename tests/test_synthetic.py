@@ -86,7 +86,7 @@ def test_full_size_presets_detected_by_diffusers(preset, model_type, context):
 def _diffusers_text_model(preset: str, ldm: dict):
     """transformers' CLIPTextModel for the preset and the preset's text tensors converted the way diffusers does."""
     from diffusers.loaders import single_file_utils as sfu
-    from test_models_parity import clip_text_config
+    from tests.diffusers_oracle import clip_text_config
     from transformers import CLIPTextModel
 
     config = PRESETS[preset]
@@ -104,7 +104,7 @@ def test_full_size_tensors_map_one_to_one_onto_diffusers_and_transformers_models
     and transformers' CLIPTextModel of that SD version, and nothing is left over on either side."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders import single_file_utils as sfu
-    from test_models_parity import ldm_original_config
+    from tests.diffusers_oracle import ldm_original_config
 
     config = PRESETS[preset]
     ldm = _meta_tensors(checkpoint_shapes(preset))
