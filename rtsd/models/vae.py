@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rtsd.config import VAEConfig
+from rtsd.models.unet import Upsample  # the LDM decoder's upsampler is the UNet's (nearest x2, 3x3 conv)
 
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -61,15 +62,6 @@ class Downsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # LDM pads right/bottom only, then convolves without padding.
         return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class MidBlock(nn.Module):
