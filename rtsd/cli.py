@@ -46,8 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("onnx", "tensorrt"), default="onnx",
                    help="onnx: ONNX files run by ONNX Runtime; tensorrt: also build fp16 TensorRT engines")
     p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="ONNX weight precision")
-    p.add_argument("--min-size", type=int, default=256, help="smallest image side in pixels (multiple of 64)")
-    p.add_argument("--max-size", type=int, default=1024, help="largest image side in pixels (multiple of 64)")
+    p.add_argument("--min-size", type=int, default=256, help="smallest image side in pixels (multiple of 8; 64s suit TensorRT best)")
+    p.add_argument("--max-size", type=int, default=1024, help="largest image side in pixels (multiple of 8; 64s suit TensorRT best)")
     p.add_argument("--opt-size", type=int, default=512, help="image side TensorRT tunes for")
     p.add_argument("--max-batch", type=int, default=4, help="most images per call (CFG doubles the UNet batch)")
     p.add_argument("--static", action="store_true", help="TensorRT: one fixed shape (opt size, max batch)")

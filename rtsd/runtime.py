@@ -67,7 +67,7 @@ class Runtime:
 
         runtime = cls.__new__(cls)
         runtime.engine_dir = None
-        range_ = shape_range or ShapeRange(min_size=64, max_size=2048, opt_size=512, max_batch=16, size_multiple=64)
+        range_ = shape_range or ShapeRange(min_size=64, max_size=2048, opt_size=512, max_batch=16)
         runtime._setup(config or models.config, range_, models.tokenizer, "torch", TorchBackend(models).load(), None)
         return runtime
 

@@ -68,7 +68,7 @@ def test_engine_dir_is_complete_and_self_describing(engine_dir, checkpoint):
         onnx.checker.check_model(str(engine_dir / f"{name}.onnx"))
 
 
-@pytest.mark.parametrize("images,height,width", [(1, 128, 128), (2, 128, 192), (1, 256, 128)])
+@pytest.mark.parametrize("images,height,width", [(1, 128, 128), (2, 128, 192), (1, 256, 128), (1, 136, 200)])
 def test_onnxruntime_engines_match_the_reference(runtime, reference, images, height, width):
     torch_runtime = Runtime.from_reference(reference)
     for name in COMPONENTS:
@@ -296,7 +296,7 @@ def test_cli_generate_writes_png_with_parameters(engine_dir, tmp_path, capsys):
     (["generate", "{missing}", "x"], "does not exist"),
     (["export", "--checkpoint", "{missing}", "--output", "{tmp}/e"], "missing"),
     (["export", "--checkpoint", "{ckpt}", "--output", "{engines}"], "not empty; pass --force"),
-    (["export", "--checkpoint", "{ckpt}", "--output", "{tmp}/e", "--min-size", "100"], "multiple of 64"),
+    (["export", "--checkpoint", "{ckpt}", "--output", "{tmp}/e", "--min-size", "100"], "multiple of 8"),
     (["info", "{missing}"], "missing"),
 ])
 def test_cli_user_errors_exit_2_with_one_line(engine_dir, checkpoint, tmp_path, capsys, argv, match):

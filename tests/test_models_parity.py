@@ -23,7 +23,7 @@ from tests.diffusers_oracle import Oracles, load_oracles
 
 TOLERANCE = 1e-5
 BATCH = 2
-LATENT_HW = (16, 24)  # UNet: non-square, multiples of 8 (three downsamplings must line up with the skips)
+LATENT_HW = (16, 24)  # UNet: non-square
 VAE_LATENT_HW = (8, 12)  # VAE: 64x96 images
 
 
@@ -84,6 +84,20 @@ def test_unet_matches_diffusers(models, oracles, timestep):
         ours = models.unet(x["sample"], timestep, x["context"])
         theirs = oracles.unet(x["sample"], timestep, encoder_hidden_states=x["context"]).sample
     assert ours.shape == x["sample"].shape
+    assert rel_l2(ours, theirs) < TOLERANCE
+
+
+@pytest.mark.parametrize("latent_hw", [(9, 13), (17, 10)])
+def test_unet_matches_diffusers_on_latents_that_are_not_multiples_of_8(models, oracles, latent_hw):
+    """Images that are multiples of 8 but not 64: the downsamplers round up, the upsamplers must land on the skips
+    (diffusers forwards upsample_size the same way)."""
+    g = torch.Generator().manual_seed(1)
+    sample = torch.randn(BATCH, models.config.unet.in_channels, *latent_hw, generator=g)
+    context = _inputs(models.config)["context"]
+    with torch.no_grad():
+        ours = models.unet(sample, torch.tensor([700.0, 20.0]), context)
+        theirs = oracles.unet(sample, torch.tensor([700.0, 20.0]), encoder_hidden_states=context).sample
+    assert ours.shape == sample.shape
     assert rel_l2(ours, theirs) < TOLERANCE
 
 

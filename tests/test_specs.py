@@ -68,7 +68,7 @@ def test_validate_names_the_problem(mutate, error, match):
 
 @pytest.mark.parametrize("batch,height,width,match", [
     (1, 250, 256, "not a multiple of 8"),
-    (1, 264, 256, "not a multiple of 64"),
+    (1, 260, 256, "not a multiple of 8"),
     (1, 1088, 512, r"outside the exported range 256\.\.1024.*--min-size/--max-size"),
     (5, 512, 512, r"outside the exported range 1\.\.4.*--max-batch 5"),
 ])
@@ -77,9 +77,15 @@ def test_shape_range_check_names_the_supported_range(batch, height, width, match
         ShapeRange().check(batch, height, width)
 
 
+def test_coarser_size_multiples_are_enforced_and_named():
+    with pytest.raises(ValueError, match="264 is not a multiple of 64, which these engines need"):
+        ShapeRange(size_multiple=64).check(1, 264, 256)
+    ShapeRange().check(1, 264, 520)  # multiples of 8 are fine by default
+
+
 def test_shape_range_rejects_inconsistent_bounds():
-    with pytest.raises(ValueError, match="multiple of 64"):
-        ShapeRange(min_size=200)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        ShapeRange(min_size=260)
     with pytest.raises(ValueError, match="min_size <= opt_size <= max_size"):
         ShapeRange(min_size=512, opt_size=256)
 

@@ -45,8 +45,8 @@ class TensorSpec:
 class ShapeRange:
     """What the engines are built for, in user terms: images per call and image size in pixels.
 
-    Sizes are multiples of 64 by default (TensorRT kernels and the UNet's three 2x downsamplings of the latent both
-    like them); any multiple of ``size_multiple`` between min and max is accepted at run time.
+    The default bounds (256..1024, opt 512) are multiples of 64, the sizes TensorRT kernels like best; any multiple
+    of ``size_multiple`` (8: one latent pixel) between min and max is accepted at run time.
     """
 
     min_size: int = 256
@@ -55,7 +55,7 @@ class ShapeRange:
     min_batch: int = 1
     max_batch: int = 4
     opt_batch: int = 1
-    size_multiple: int = 64
+    size_multiple: int = 8
     static: bool = False  # one fixed shape (opt) for maximum TensorRT speed
 
     def __post_init__(self):
@@ -71,7 +71,7 @@ class ShapeRange:
                              f"{self.min_batch} <= {self.opt_batch} <= {self.max_batch}")
 
     @classmethod
-    def fixed(cls, batch: int, height: int, width: int, size_multiple: int = 64) -> "ShapeRange":
+    def fixed(cls, batch: int, height: int, width: int, size_multiple: int = 8) -> "ShapeRange":
         """A static range: one batch and one square-or-not size (max of height/width bounds the profile)."""
         lo, hi = min(height, width), max(height, width)
         return cls(min_size=lo, max_size=hi, opt_size=lo, min_batch=batch, max_batch=batch, opt_batch=batch,

@@ -158,19 +158,26 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x: torch.Tensor, size: torch.Size | None = None) -> torch.Tensor:
+        # ``size``: the skip connection's height and width, when an odd size made the downsampler round up
+        # (latents that are not multiples of 8): nearest-upsample to exactly that size instead of x2.
+        if size is None:
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
 class TimestepEmbedSequential(nn.Sequential):
     """Passes the timestep embedding to ResBlocks and the text states to SpatialTransformers."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
+                upsample_size: torch.Size | None = None) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, upsample_size)
             else:
                 x = layer(x)
         return x
@@ -233,11 +240,6 @@ class UNetModel(nn.Module):
 
         self.out = nn.Sequential(nn.GroupNorm(groups, ch), nn.SiLU(), nn.Conv2d(mc, config.out_channels, 3, padding=1))
 
-    @property
-    def latent_multiple(self) -> int:
-        """Latent height and width must be multiples of this (each level halves them, the skips must line up)."""
-        return 2 ** (len(self.config.channel_mult) - 1)
-
     def forward(
         self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
     ) -> torch.Tensor:
@@ -255,16 +257,13 @@ class UNetModel(nn.Module):
             skips.append(h)
         h = self.middle_block(h, emb, encoder_hidden_states)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, encoder_hidden_states)
+            h = torch.cat([h, skips.pop()], dim=1)
+            # An upsampler at the end of this block must land on the next skip's size (odd after a rounded-up
+            # downsampling when the latent is not a multiple of 8).
+            h = block(h, emb, encoder_hidden_states, skips[-1].shape[-2:] if skips else None)
         return self.out(h)
 
     def _check_sample(self, sample: torch.Tensor) -> None:
-        # Eager-only: an odd latent size would otherwise fail deep inside with a torch.cat shape error.
-        multiple = self.latent_multiple
+        # Eager-only: a wrong shape would otherwise fail deep inside with a convolution shape error.
         if sample.ndim != 4 or sample.shape[1] != self.config.in_channels:
             raise ValueError(f"UNet sample must be (N, {self.config.in_channels}, H, W), got {tuple(sample.shape)}")
-        if sample.shape[2] % multiple or sample.shape[3] % multiple:
-            raise ValueError(
-                f"UNet latent height and width must be multiples of {multiple} "
-                f"(images multiples of {multiple * 8}), got {tuple(sample.shape[2:])}"
-            )
