@@ -49,8 +49,11 @@ class Runtime:
         ("tensorrt", "onnxruntime"), or a configured backend object, e.g.
         ``OnnxRuntimeBackend(providers=["CPUExecutionProvider"], threads=4)``."""
         self.engine_dir = Path(engine_dir)
-        manifest = Manifest.read(self.engine_dir)
-        chosen = backend if isinstance(backend, Backend) else get_backend(backend or _default_backend(manifest))
+        self.manifest = manifest = Manifest.read(self.engine_dir)
+        if isinstance(backend, Backend):
+            chosen = backend
+        else:
+            chosen = get_backend(backend) if backend else _default_backend(manifest)
         manifest.check_files(self.engine_dir, backend=chosen.name)
         tokenizer = Tokenizer.load(self.engine_dir / manifest.tokenizer["directory"])
         self._setup(manifest.model, manifest.shape_range, tokenizer, chosen.name,
@@ -66,7 +69,7 @@ class Runtime:
         from rtsd.engine.torch import TorchBackend
 
         runtime = cls.__new__(cls)
-        runtime.engine_dir = None
+        runtime.engine_dir = runtime.manifest = None
         range_ = shape_range or ShapeRange(min_size=64, max_size=2048, opt_size=512, max_batch=16)
         runtime._setup(config or models.config, range_, models.tokenizer, "torch", TorchBackend(models).load(), None)
         return runtime
@@ -176,15 +179,14 @@ class Runtime:
             engine.close()
 
 
-def _default_backend(manifest: Manifest) -> str:
+def _default_backend(manifest: Manifest) -> Backend:
     """TensorRT when the directory has plans for every component and TensorRT runs here; else ONNX Runtime."""
     if all(manifest.engine_record(c, "tensorrt") for c in COMPONENTS):
         try:
-            get_backend("tensorrt")
-            return "tensorrt"
+            return get_backend("tensorrt")
         except RtsdError:  # TensorRT, CuPy or a GPU missing here: the ONNX files still run
             pass
-    return "onnxruntime"
+    return get_backend("onnxruntime")
 
 
 def _prompt_lists(prompt, negative_prompt, num_images: int) -> tuple[list[str], list[str]]:

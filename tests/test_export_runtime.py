@@ -187,6 +187,21 @@ def test_broken_engine_dirs_are_refused(engine_dir, tmp_path):
         Runtime(broken)
 
 
+def test_default_backend_falls_back_to_onnxruntime_when_tensorrt_cannot_run(engine_dir, tmp_path):
+    """A directory with TensorRT plans recorded still runs here (no TensorRT/GPU) through its ONNX files."""
+    import shutil
+
+    copy = tmp_path / "with-plans"
+    shutil.copytree(engine_dir, copy)
+    manifest = Manifest.read(copy)
+    for name in COMPONENTS:
+        manifest.components[name]["engines"]["tensorrt"] = {"file": f"{name}.plan", "precision": "fp16"}
+    manifest.write(copy)
+    runtime = Runtime(copy)
+    assert runtime.backend_name == "onnxruntime"
+    assert runtime.generate("a", steps=2, height=128, width=128, seed=1).images[0].size == (128, 128)
+
+
 def test_runtime_runs_with_torch_unimportable(engine_dir):
     script = textwrap.dedent(f"""
         import sys

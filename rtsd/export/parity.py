@@ -118,12 +118,11 @@ def check_against_reference(engine_dir: str | Path, models, *, backend: str | No
 
     steps=0 skips the end-to-end generation.
     """
-    from rtsd.export.manifest import Manifest
     from rtsd.runtime import Runtime
 
     say = progress or (lambda message: None)
     runtime = Runtime(engine_dir, backend=backend)
-    manifest = Manifest.read(engine_dir)
+    manifest = runtime.manifest
     reference = Runtime.from_reference(models, config=manifest.model)  # prediction type as exported
     engines = runtime.engines
     precisions = {_precision(manifest, name, runtime.backend_name) for name in COMPONENTS}
