@@ -24,6 +24,9 @@ from rtsd.errors import MissingDependencyError
 from rtsd.export import trt_support
 from rtsd.export.specs import COMPONENTS, ShapeRange, specs_for
 from rtsd.export.tensorrt import LayerInfo, build_options, engine_profile, fp32_layer_names
+from rtsd.runtime import Runtime
+from tests.tensorrt_sim import (LOOP_REQUESTS, MODEL_LIKE, DevArray, FakeStream, HostStandIn, SimCupy, SimTensorRT,
+                                 generate_with_latents, sim_manifest, write_sim_engine_dir)
 
 SD15 = ModelConfig("sd1")
 SPECS = specs_for(SD15)
@@ -375,34 +378,8 @@ def test_buffers_grow_only_and_are_reused():
     assert float(buffers.view("sample", (2, 4, 64, 64), np.float16).sum()) == 1.5 * half.size
 
 
-class _FakeStream:
-    """CUDA stream capture semantics: work issued while capturing is recorded, not run, until the graph launches."""
-
-    def __init__(self, fail_capture=False):
-        self.capturing, self.recorded, self.fail_capture, self.launched = False, None, fail_capture, 0
-
-    def begin_capture(self):
-        self.capturing, self.recorded = True, []
-
-    def end_capture(self):
-        self.capturing = False
-        if self.fail_capture:
-            raise RuntimeError("operation not permitted when stream is capturing")
-        work = self.recorded
-
-        def launch(stream=None):
-            assert stream is self
-            self.launched += 1
-            for item in work:
-                item()
-        return types.SimpleNamespace(launch=launch)
-
-    def issue(self, work):
-        self.recorded.append(work) if self.capturing else work()
-
-
 def test_graph_cache_warms_up_captures_once_then_replays_per_shape():
-    stream, runs = _FakeStream(), []
+    stream, runs = FakeStream(), []
     cache = GraphCache(stream, warmup_calls=1)
     enqueue = lambda tag: (lambda: stream.issue(lambda: runs.append(tag)))  # noqa: E731
     modes = [cache.run((2, 64), enqueue("a")) for _ in range(4)]
@@ -416,7 +393,7 @@ def test_graph_cache_warms_up_captures_once_then_replays_per_shape():
 
 
 def test_graph_cache_falls_back_to_plain_runs_when_capture_fails():
-    stream, runs = _FakeStream(fail_capture=True), []
+    stream, runs = FakeStream(fail_capture=True), []
     cache = GraphCache(stream)
     enqueue = lambda: stream.issue(lambda: runs.append(1))  # noqa: E731
     assert [cache.run("k", enqueue) for _ in range(3)] == ["plain", "plain", "plain"]
@@ -560,189 +537,23 @@ def test_scheduler_step_on_array_api_strict_equals_numpy(name):
 # known (unet: 2 * sample + timestep), the point is the backend's bookkeeping: refusal before deserializing, one shared
 # activation block, buffers reused, graphs per shape, profile checks before running, the fp32 fallback.
 
-import ctypes  # noqa: E402
 import warnings  # noqa: E402
 
 from rtsd.engine import tensorrt as trt_backend  # noqa: E402
 from rtsd.errors import EngineDirError  # noqa: E402
-from rtsd.export.manifest import Manifest  # noqa: E402
 
 SIM_RANGE = ShapeRange(min_size=64, max_size=128, opt_size=64, max_batch=2)
-
-
-class _DevArray(np.ndarray):
-    def set(self, host, stream=None):
-        self[...] = host
-
-    def get(self, stream=None):
-        return np.array(self)
-
-
-def _at(address, shape, dtype):
-    dtype = np.dtype(dtype)
-    raw = (ctypes.c_char * (int(np.prod(shape)) * dtype.itemsize)).from_address(address)
-    return np.frombuffer(raw, dtype=dtype).reshape(shape)
-
-
-class _SimStream(_FakeStream):
-    streams: dict = {}
-
-    def __init__(self, non_blocking=False):
-        super().__init__()
-        self.ptr = 1000 + len(_SimStream.streams)
-        _SimStream.streams[self.ptr] = self
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def record(self):
-        return object()
-
-    def wait_event(self, event):
-        pass
-
-    def synchronize(self):
-        pass
-
-
-class _SimCupy:
-    """The CuPy surface the backend uses."""
-
-    uint8, float32 = np.uint8, np.float32
-
-    def __init__(self):
-        default = _SimStream()
-        self.blocks = []
-        self.cuda = types.SimpleNamespace(
-            Stream=_SimStream, get_current_stream=lambda: default, alloc=self._alloc,
-            Device=lambda i=0: types.SimpleNamespace(use=lambda: None, synchronize=lambda: None))
-
-    def _alloc(self, nbytes):
-        block = np.zeros(nbytes, np.uint8)
-        self.blocks.append(block)
-        return types.SimpleNamespace(ptr=block.ctypes.data)
-
-    @staticmethod
-    def empty(n, dtype):
-        return np.empty(n, dtype).view(_DevArray)
-
-    isfinite = staticmethod(np.isfinite)
-
-
-class _SimContext:
-    def __init__(self, engine):
-        self.engine, self.shapes, self.addresses, self.memory = engine, {}, {}, None
-
-    def set_device_memory(self, ptr, size):
-        self.memory = (ptr, size)
-
-    def set_input_shape(self, name, shape):
-        corners = self.engine.profile[name]
-        self.shapes[name] = tuple(shape)
-        return all(lo <= v <= hi for v, lo, hi in zip(shape, corners["min"], corners["max"]))
-
-    def get_tensor_shape(self, name):
-        rows, h, w = request_size(self.engine.spec, self.shapes)
-        return self.engine.spec.shapes(rows, h or 8, w or 8)[name]
-
-    def set_tensor_address(self, name, address):
-        self.addresses[name] = address
-
-    def execute_async_v3(self, stream_ptr):
-        assert self.memory is not None, "a context ran without activation memory"
-        self.engine.launches += 1
-        spec, shapes, addresses = self.engine.spec, dict(self.shapes), dict(self.addresses)
-        outputs = {t.name: self.get_tensor_shape(t.name) for t in spec.outputs}
-
-        def work():  # baked at enqueue time, like a captured kernel's parameters
-            self.engine.runs += 1
-            inputs = {t.name: _at(addresses[t.name], shapes[t.name], t.dtype) for t in spec.inputs}
-            for t in spec.outputs:
-                _at(addresses[t.name], outputs[t.name], np.float32)[...] = self.engine.compute(inputs)
-        _SimStream.streams[stream_ptr].issue(work)
-        return True
-
-
-class _SimEngine:
-    def __init__(self, name, overflow=False):
-        self.spec, self.launches, self.runs, self.contexts = SPECS[name], 0, 0, []
-        self.profile = {n: {k: tuple(v) for k, v in c.items()} for n, c in engine_profile(self.spec, SIM_RANGE).items()}
-        memory = {"text_encoder": 1000, "unet": 5000, "vae_decoder": 3000, "vae_encoder": 2000}
-        self.device_memory_size_v2 = memory[name]
-        self.names = [t.name for t in self.spec.inputs + self.spec.outputs]
-        self.num_io_tensors = len(self.names)
-        self.overflow, self.name = overflow, name
-
-    def compute(self, inputs):
-        if self.name == "unet":
-            return 2 * inputs["sample"] + inputs["timestep"][:, None, None, None]
-        return np.inf if self.overflow else float(next(iter(inputs.values())).mean())
-
-    def get_tensor_name(self, i):
-        return self.names[i]
-
-    def get_tensor_mode(self, name):
-        return "in" if name in self.profile else "out"
-
-    def get_tensor_dtype(self, name):
-        return next(np.dtype(t.dtype) for t in self.spec.inputs + self.spec.outputs if t.name == name)
-
-    def get_tensor_profile_shape(self, name, index):
-        return [self.profile[name][k] for k in ("min", "opt", "max")]
-
-    def create_execution_context(self, strategy):
-        assert strategy == "USER_MANAGED"
-        self.contexts.append(_SimContext(self))
-        return self.contexts[-1]
-
-
-class _SimTensorRT:
-    __version__ = "10.8.0.43"
-    TensorIOMode = types.SimpleNamespace(INPUT="in", OUTPUT="out")
-    ExecutionContextAllocationStrategy = types.SimpleNamespace(USER_MANAGED="USER_MANAGED")
-    Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
-
-    def __init__(self):
-        self.deserialized = []
-        sim = self
-
-        class Runtime:
-            def __init__(self, logger):
-                pass
-
-            def deserialize_cuda_engine(self, data):
-                name, _, kind = data.decode().partition(":")
-                if kind == "corrupt":
-                    return None
-                sim.deserialized.append(_SimEngine(name, overflow=kind == "overflow"))
-                return sim.deserialized[-1]
-        self.Runtime = Runtime
-
-    @staticmethod
-    def nptype(dtype):
-        return dtype
 
 
 @pytest.fixture
 def sim(monkeypatch, tmp_path):
     """A simulated TensorRT + CuPy and an engine directory whose plans name what the simulator builds."""
-    trt, cp = _SimTensorRT(), _SimCupy()
+    trt, cp = SimTensorRT(SD15, SIM_RANGE), SimCupy()
     monkeypatch.setattr(trt_backend, "import_tensorrt", lambda purpose: trt)
     monkeypatch.setattr(trt_backend, "cuda_device", lambda purpose, device=0: (cp, "Sim GPU", "9.0"))
-    components = {}
-    for name in COMPONENTS:
-        kind = "overflow" if name == "vae_decoder" else "ok"
-        (tmp_path / f"{name}.plan").write_text(f"{name}:{kind}")
-        (tmp_path / f"{name}.fp32.plan").write_text(f"{name}:ok")
-        record = {"file": f"{name}.plan", "precision": "fp16", "tensorrt_version": trt.__version__, "gpu": "Sim GPU",
-                  "compute_capability": "9.0", "onnx_sha256": "a" * 64, "static": False,
-                  "fallback": {"file": f"{name}.fp32.plan", "precision": "fp32"} if name == "vae_decoder" else None}
-        components[name] = {"io": SPECS[name].to_dict(), "onnx": {"file": f"{name}.onnx", "sha256": "a" * 64},
-                            "engines": {"tensorrt": record}}
-    manifest = Manifest(model=SD15, shape_range=SIM_RANGE, source={}, tokenizer={}, components=components)
+    manifest, plans = sim_manifest(SD15, SIM_RANGE, "Sim GPU", "9.0")
+    for file, text in plans.items():
+        (tmp_path / file).write_text(text)
     return types.SimpleNamespace(trt=trt, cp=cp, dir=tmp_path, manifest=manifest)
 
 
@@ -832,3 +643,26 @@ def test_sim_non_finite_vae_output_switches_to_the_fp32_plan(sim):
     vae = trt_backend.TensorRTBackend().load(sim.dir, sim.manifest, ("vae_decoder",))["vae_decoder"]
     with pytest.raises(trt_backend.NonFiniteOutputError, match=r"vae_decoder \(fp16\) produced non-finite .*fp32-vae"):
         vae.infer({"latent": latent})
+
+
+@pytest.mark.parametrize("request_index", range(len(LOOP_REQUESTS)))
+def test_sim_runtime_loop_through_the_backend_equals_the_host_loop(monkeypatch, tmp_path, request_index):
+    """Runtime.generate through TensorRTBackend (buffers, addresses, graphs, the device-side step) gives exactly what
+    the same stand-in functions give when called directly in a NumPy loop."""
+    trt, cp = SimTensorRT(SD15, SIM_RANGE, compute=MODEL_LIKE), SimCupy()
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda purpose: trt)
+    monkeypatch.setattr(trt_backend, "cuda_device", lambda purpose, device=0: (cp, "Sim GPU", "9.0"))
+    write_sim_engine_dir(tmp_path, SD15, SIM_RANGE, "Sim GPU", "9.0", overflow=())
+    device = Runtime(tmp_path, backend=trt_backend.TensorRTBackend())
+    host = Runtime(tmp_path, backend=HostStandIn(SD15))
+    request = LOOP_REQUESTS[request_index]
+    latents, images, kind = generate_with_latents(device, np.asarray, **request)
+    expected, expected_images, _ = generate_with_latents(host, np.asarray, **request)
+    assert kind is DevArray and np.abs(expected).max() > 0.1
+    np.testing.assert_array_equal(latents, expected)
+    for got, want in zip(images, expected_images):
+        np.testing.assert_array_equal(got, want)
+    unet = device.engines["unet"]
+    allocations = unet.allocations
+    generate_with_latents(device, np.asarray, **request)  # the same request again: nothing allocated, graph replayed
+    assert unet.allocations == allocations and unet.last_run == "replayed" and unet.graphs.captures == 1

@@ -1,0 +1,396 @@
+"""A TensorRT 10 stand-in for testing rtsd's TensorRT backend where TensorRT itself cannot run.
+
+The stand-in implements exactly the surface ``rtsd.engine.tensorrt`` calls (Runtime, deserialize_cuda_engine, engine
+and execution-context methods) and executes each "plan" as a small known function of its inputs, so every piece of
+rtsd around TensorRT is exercised for real: refusal of stale plans, the shared activation block, grow-only buffers,
+tensor addresses, profile checks, CUDA-graph capture and replay, the fp32 fallback, and the runtime loop on the
+engines' array module. It never stands in for TensorRT's numerics; the real-TensorRT tests are in
+test_cuda_device.py (``-m tensorrt``).
+
+Two launchers run the enqueued work:
+- ``cpu``: "device" memory is host memory (ctypes views), streams are recorded/replayed in Python (CI, no GPU);
+- ``cuda``: real CuPy device memory, the work is launched as CuPy kernels on the real stream handed to
+  ``execute_async_v3``, so real CUDA graphs capture it (needs a GPU).
+
+The stand-in functions (``COMPUTE``) are written once against an array module and write into their outputs in place;
+the UNet's allocates nothing, as work under CUDA-graph capture must.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import types
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from rtsd.engine.tensorrt import request_size
+from rtsd.export.manifest import Manifest
+from rtsd.export.specs import COMPONENTS, ShapeRange, specs_for
+from rtsd.export.tensorrt import engine_profile
+from rtsd.tokenizer import Tokenizer
+
+SIM_TENSORRT_VERSION = "10.8.0.43"
+
+
+# ---------------------------------------------------------------- the stand-in "plans"
+
+def _fill_mean(xp, inputs, outputs, overflow=False):
+    """Every output = the mean of the first input (or inf: a plan that overflows fp16)."""
+    value = math.inf if overflow else float(next(iter(inputs.values())).mean())
+    for out in outputs.values():
+        out[...] = value
+
+
+def _unet_linear(xp, inputs, outputs, overflow=False):
+    """model_output = 2 * sample + timestep (per row)."""
+    out = outputs["model_output"]
+    xp.multiply(inputs["sample"], 2, out=out)
+    out += inputs["timestep"][:, None, None, None]
+
+
+BOOKKEEPING = {"text_encoder": _fill_mean, "unet": _unet_linear, "vae_decoder": _fill_mean, "vae_encoder": _fill_mean}
+
+
+def _text_model(xp, inputs, outputs, overflow=False):
+    """hidden_states[b, k, :] = (id_k mod 97) / 97 - 0.5: different prompts give different contexts."""
+    ids = inputs["input_ids"]
+    outputs["hidden_states"][...] = ((ids % 97) / 97.0 - 0.5)[:, :, None]
+
+
+def _unet_model(xp, inputs, outputs, overflow=False):
+    """model_output = sample + context[:, 1:5, 0] per channel + timestep / 1000, in place (capturable)."""
+    out = outputs["model_output"]
+    xp.multiply(inputs["timestep"][:, None, None, None], 1e-3, out=out)
+    out += inputs["encoder_hidden_states"][:, 1:5, 0][:, :, None, None]
+    out += inputs["sample"]
+
+
+def _decoder_model(xp, inputs, outputs, overflow=False):
+    """images = 0.5 + 0.5 tanh(latent[:, :3]), each latent pixel upsampled to 8x8 (inf if the plan 'overflows')."""
+    latent, images = inputs["latent"], outputs["images"]
+    rows, _, h, w = latent.shape
+    blocks = images.reshape(rows, 3, h, 8, w, 8)
+    blocks[...] = (0.5 + 0.5 * xp.tanh(latent[:, :3]))[:, :, :, None, :, None]
+    if overflow:
+        images[:, :, 0, 0] = math.inf
+
+
+def _encoder_model(xp, inputs, outputs, overflow=False):
+    """latent = (2 * images - 1) sampled every 8 pixels, the 4th channel repeating the first."""
+    images, latent = inputs["images"], outputs["latent"]
+    latent[:, :3] = 2 * images[:, :, ::8, ::8] - 1
+    latent[:, 3] = latent[:, 0]
+
+
+MODEL_LIKE = {"text_encoder": _text_model, "unet": _unet_model, "vae_decoder": _decoder_model,
+              "vae_encoder": _encoder_model}
+
+
+# ---------------------------------------------------------------- launchers: where "device" memory and streams live
+
+class FakeStream:
+    """CUDA stream capture semantics: work issued while capturing is recorded, not run, until the graph launches."""
+
+    def __init__(self, fail_capture=False):
+        self.capturing, self.recorded, self.fail_capture, self.launched = False, None, fail_capture, 0
+
+    def begin_capture(self):
+        self.capturing, self.recorded = True, []
+
+    def end_capture(self):
+        self.capturing = False
+        if self.fail_capture:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        work = self.recorded
+
+        def launch(stream=None):
+            assert stream is self
+            self.launched += 1
+            for item in work:
+                item()
+        return types.SimpleNamespace(launch=launch)
+
+    def issue(self, work):
+        self.recorded.append(work) if self.capturing else work()
+
+
+class SimStream(FakeStream):
+    streams: dict = {}
+
+    def __init__(self, non_blocking=False):
+        super().__init__()
+        self.ptr = 1000 + len(SimStream.streams)
+        SimStream.streams[self.ptr] = self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def record(self):
+        return object()
+
+    def wait_event(self, event):
+        pass
+
+    def synchronize(self):
+        pass
+
+
+class DevArray(np.ndarray):
+    """A host array with CuPy's .set/.get."""
+
+    def set(self, host, stream=None):
+        self[...] = host
+
+    def get(self, stream=None):
+        return np.array(self)
+
+
+class SimCupy:
+    """The CuPy surface the backend and the runtime loop use, over host memory."""
+
+    uint8, float32 = np.uint8, np.float32
+    isfinite = staticmethod(np.isfinite)
+    concatenate = staticmethod(np.concatenate)
+
+    def __init__(self):
+        default = SimStream()
+        self.blocks = []
+        self.cuda = types.SimpleNamespace(
+            Stream=SimStream, get_current_stream=lambda: default, alloc=self._alloc,
+            Device=lambda i=0: types.SimpleNamespace(use=lambda: None, synchronize=lambda: None))
+
+    def _alloc(self, nbytes):
+        block = np.zeros(nbytes, np.uint8)
+        self.blocks.append(block)
+        return types.SimpleNamespace(ptr=block.ctypes.data)
+
+    @staticmethod
+    def empty(n, dtype):
+        return np.empty(n, dtype).view(DevArray)
+
+    @staticmethod
+    def asarray(array):
+        return np.array(array).view(DevArray)
+
+    @staticmethod
+    def full(shape, value, dtype=np.float32):
+        return np.full(shape, value, dtype).view(DevArray)
+
+
+def cpu_launcher():
+    """(array at an address, launch work on a stream pointer) for host "device" memory and SimStreams."""
+    def at(address, shape, dtype):
+        dtype = np.dtype(dtype)
+        raw = (ctypes.c_char * (math.prod(shape) * dtype.itemsize)).from_address(address)
+        return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+    def launch(stream_ptr, work):
+        SimStream.streams[stream_ptr].issue(lambda: work(np, at))
+    return launch
+
+
+def cuda_launcher(cupy):
+    """Launch the work as CuPy kernels on the real stream (captured into a CUDA graph when the stream captures)."""
+    def at(address, shape, dtype):
+        dtype = np.dtype(dtype)
+        memory = cupy.cuda.UnownedMemory(address, math.prod(shape) * dtype.itemsize, None)
+        return cupy.ndarray(shape, dtype, cupy.cuda.MemoryPointer(memory, 0))
+
+    def launch(stream_ptr, work):
+        with cupy.cuda.ExternalStream(stream_ptr):
+            work(cupy, at)
+    return launch
+
+
+# ---------------------------------------------------------------- the TensorRT API surface
+
+class SimContext:
+    def __init__(self, engine):
+        self.engine, self.shapes, self.addresses, self.memory = engine, {}, {}, None
+
+    def set_device_memory(self, ptr, size):
+        self.memory = (ptr, size)
+
+    def set_input_shape(self, name, shape):
+        corners = self.engine.profile[name]
+        self.shapes[name] = tuple(shape)
+        return all(lo <= v <= hi for v, lo, hi in zip(shape, corners["min"], corners["max"]))
+
+    def get_tensor_shape(self, name):
+        rows, h, w = request_size(self.engine.spec, self.shapes)
+        return self.engine.spec.shapes(rows, h or 8, w or 8)[name]
+
+    def set_tensor_address(self, name, address):
+        self.addresses[name] = address
+
+    def execute_async_v3(self, stream_ptr):
+        assert self.memory is not None, "a context ran without activation memory"
+        engine = self.engine
+        engine.launches += 1
+        spec, shapes, addresses = engine.spec, dict(self.shapes), dict(self.addresses)
+        out_shapes = {t.name: self.get_tensor_shape(t.name) for t in spec.outputs}
+
+        def work(xp, at):  # addresses and shapes baked at enqueue time, like a captured kernel's parameters
+            engine.runs += 1
+            inputs = {t.name: at(addresses[t.name], shapes[t.name], t.dtype) for t in spec.inputs}
+            outputs = {t.name: at(addresses[t.name], out_shapes[t.name], t.dtype) for t in spec.outputs}
+            engine.compute(xp, inputs, outputs, overflow=engine.overflow)
+        engine.launch(stream_ptr, work)
+        return True
+
+
+class SimEngine:
+    ACTIVATION_BYTES = {"text_encoder": 1000, "unet": 5000, "vae_decoder": 3000, "vae_encoder": 2000}
+
+    def __init__(self, name, spec, shape_range, compute, launch, overflow=False):
+        self.name, self.spec, self.compute, self.launch, self.overflow = name, spec, compute, launch, overflow
+        self.launches, self.runs, self.contexts = 0, 0, []
+        self.profile = {n: {k: tuple(v) for k, v in c.items()} for n, c in engine_profile(spec, shape_range).items()}
+        self.device_memory_size_v2 = self.ACTIVATION_BYTES[name]
+        self.names = [t.name for t in spec.inputs + spec.outputs]
+        self.num_io_tensors = len(self.names)
+
+    def get_tensor_name(self, i):
+        return self.names[i]
+
+    def get_tensor_mode(self, name):
+        return "in" if name in self.profile else "out"
+
+    def get_tensor_dtype(self, name):
+        return next(np.dtype(t.dtype) for t in self.spec.inputs + self.spec.outputs if t.name == name)
+
+    def get_tensor_profile_shape(self, name, index):
+        return [self.profile[name][k] for k in ("min", "opt", "max")]
+
+    def create_execution_context(self, strategy):
+        assert strategy == "USER_MANAGED"
+        self.contexts.append(SimContext(self))
+        return self.contexts[-1]
+
+
+class SimTensorRT:
+    """The ``tensorrt`` module as the backend sees it; a plan file's text says which engine it is ("unet:ok")."""
+
+    __version__ = SIM_TENSORRT_VERSION
+    TensorIOMode = types.SimpleNamespace(INPUT="in", OUTPUT="out")
+    ExecutionContextAllocationStrategy = types.SimpleNamespace(USER_MANAGED="USER_MANAGED")
+    Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
+
+    def __init__(self, config, shape_range, compute=None, launch=None):
+        self.deserialized = []
+        specs, compute, launch = specs_for(config), compute or BOOKKEEPING, launch or cpu_launcher()
+        sim = self
+
+        class Runtime:
+            def __init__(self, logger):
+                pass
+
+            def deserialize_cuda_engine(self, data):
+                name, _, kind = data.decode().partition(":")
+                if kind == "corrupt":
+                    return None
+                sim.deserialized.append(SimEngine(name, specs[name], shape_range, compute[name], launch,
+                                                  overflow=kind == "overflow"))
+                return sim.deserialized[-1]
+        self.Runtime = Runtime
+
+    @staticmethod
+    def nptype(dtype):
+        return dtype
+
+
+def sim_manifest(config, shape_range: ShapeRange, gpu: str, capability: str, *, overflow=("vae_decoder",),
+                 fallback=("vae_decoder",)) -> tuple[Manifest, dict[str, str]]:
+    """A manifest whose TensorRT records match the given machine, and the plan files' contents by file name."""
+    specs, components, plans = specs_for(config), {}, {}
+    for name in COMPONENTS:
+        plans[f"{name}.plan"] = f"{name}:{'overflow' if name in overflow else 'ok'}"
+        record = {"file": f"{name}.plan", "precision": "fp16", "tensorrt_version": SIM_TENSORRT_VERSION, "gpu": gpu,
+                  "compute_capability": capability, "onnx_sha256": "a" * 64, "static": False, "fallback": None}
+        if name in fallback:
+            plans[f"{name}.fp32.plan"] = f"{name}:ok"
+            record["fallback"] = {"file": f"{name}.fp32.plan", "precision": "fp32"}
+        components[name] = {"io": specs[name].to_dict(), "onnx": {"file": f"{name}.onnx", "sha256": "a" * 64},
+                            "engines": {"tensorrt": record}}
+    tokenizer = {"directory": "tokenizer", "max_length": 77, "pad_token_id": config.text_encoder.pad_token_id}
+    return Manifest(model=config, shape_range=shape_range, source={}, tokenizer=tokenizer,
+                    components=components), plans
+
+
+def write_sim_engine_dir(directory: Path, config, shape_range: ShapeRange, gpu: str, capability: str,
+                         **kw) -> Manifest:
+    """An engine directory the Runtime opens with the stand-in: manifest, tokenizer, plan files, empty ONNX names."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    manifest, plans = sim_manifest(config, shape_range, gpu, capability, **kw)
+    for file, text in plans.items():
+        (directory / file).write_text(text)
+    for name in COMPONENTS:
+        (directory / f"{name}.onnx").write_bytes(b"")  # never read with backend="tensorrt"
+    Tokenizer.default(pad_token_id=config.text_encoder.pad_token_id).save(directory / "tokenizer")
+    manifest.write(directory)
+    return manifest
+
+
+class HostStandIn:
+    """The same stand-in functions run directly in NumPy behind the Engine protocol: the host oracle for the loop."""
+
+    name = "host-stand-in"
+
+    def __init__(self, config, compute=None):
+        self.specs, self.compute = specs_for(config), compute or MODEL_LIKE
+
+    def load(self, engine_dir=None, manifest=None, components=COMPONENTS):
+        return {name: _HostEngine(name, self.specs[name], self.compute[name]) for name in components}
+
+
+class _HostEngine:
+    xp = np
+
+    def __init__(self, name, spec, compute):
+        self.name, self.spec, self._compute = name, spec, compute
+
+    def allocate(self, shapes):
+        pass
+
+    def infer(self, feeds):
+        self.spec.validate(feeds)
+        rows, h, w = request_size(self.spec, {k: v.shape for k, v in feeds.items()})
+        shapes = self.spec.shapes(rows, h or 8, w or 8)
+        outputs = {t.name: np.empty(shapes[t.name], t.dtype) for t in self.spec.outputs}
+        self._compute(np, dict(feeds), outputs)
+        return outputs
+
+    def to_host(self, array):
+        return array
+
+    def synchronize(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def generate_with_latents(runtime, to_numpy, **request):
+    """``runtime.generate(**request)`` -> (final latents as NumPy, images as uint8 arrays, the latents' type)."""
+    seen = []
+    result = runtime.generate(callback=lambda i, total, t, x: seen.append(x), **request)
+    return to_numpy(seen[-1]), [np.asarray(image) for image in result.images], type(seen[-1])
+
+
+# Requests the loop comparisons run: CFG with 2 prompts (4 UNet rows), a stochastic and a multistep scheduler,
+# non-square, and img2img through the VAE encoder.
+LOOP_REQUESTS = (
+    dict(prompt=["a red fox in the snow", "a lighthouse"], negative_prompt="blurry", steps=6, height=64, width=128,
+         seed=3, scheduler="dpmpp_2m"),
+    dict(prompt="a red fox in the snow", steps=5, height=128, width=64, seed=4, scheduler="euler_a",
+         guidance_scale=5.0),
+    dict(prompt="a red fox in the snow", steps=8, height=64, width=64, seed=5, scheduler="ddim", strength=0.6,
+         image=Image.fromarray(np.linspace(0, 255, 64 * 64 * 3).reshape(64, 64, 3).astype(np.uint8))),
+)
