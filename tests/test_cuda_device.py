@@ -11,9 +11,14 @@ import numpy as np
 import pytest
 
 from rtsd.engine.cuda import EventTimer, GraphCache, GrowOnlyBuffers, data_pointer
+from rtsd.config import ModelConfig
 from rtsd.export.specs import COMPONENTS, ShapeRange
+from tests.tensorrt_sim import (LOOP_REQUESTS, MODEL_LIKE, HostStandIn, SimEngine, SimTensorRT, cuda_launcher, generate_with_latents,
+                                 write_sim_engine_dir)
 
 pytestmark = pytest.mark.gpu
+SD15 = ModelConfig("sd1")
+SIM_RANGE = ShapeRange(min_size=64, max_size=128, opt_size=64, max_batch=2)
 
 
 def _cupy_or_skip():
@@ -114,6 +119,88 @@ def test_event_timer_measures_device_time(cp):
             for _ in range(3):
                 x = x @ x / 1024
     assert timer.milliseconds()["matmul"] > 0
+
+
+# ---------------------------------------------------------------- the runtime loop on the GPU through TensorRTBackend
+# TensorRT's own execution is replaced by the stand-in of tests/tensorrt_sim.py launched as CuPy kernels on the
+# backend's real stream; everything else is rtsd's real device path: CuPy buffers and addresses, the shared activation
+# block, real CUDA-graph capture and replay of the UNet call, CFG and the scheduler step on CuPy arrays.
+
+@pytest.mark.parametrize("request_index", range(len(LOOP_REQUESTS)))
+def test_runtime_loop_on_the_gpu_equals_the_host_loop(cp, monkeypatch, tmp_path, request_index):
+    from rtsd.engine import tensorrt as trt_backend
+    from rtsd.engine.cuda import cuda_device
+    from rtsd.runtime import Runtime
+
+    trt = SimTensorRT(SD15, SIM_RANGE, compute=MODEL_LIKE, launch=cuda_launcher(cp))
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda purpose: trt)
+    _, gpu, capability = cuda_device("test")
+    write_sim_engine_dir(tmp_path, SD15, SIM_RANGE, gpu, capability, overflow=())
+    device = Runtime(tmp_path, backend=trt_backend.TensorRTBackend())
+    host = Runtime(tmp_path, backend=HostStandIn(SD15))
+    request = LOOP_REQUESTS[request_index]
+    latents, images, kind = generate_with_latents(device, cp.asnumpy, **request)
+    expected, expected_images, _ = generate_with_latents(host, np.asarray, **request)
+    rel = np.linalg.norm(latents - expected) / np.linalg.norm(expected)
+    worst = max(int(np.abs(a.astype(int) - b).max()) for a, b in zip(images, expected_images))
+    unet = device.engines["unet"]
+    allocations, pool = unet.allocations, cp.get_default_memory_pool().total_bytes()
+    generate_with_latents(device, cp.asnumpy, **request)  # again: no buffer allocated, the UNet graph replayed
+    print(f"\n[{request['scheduler']} {request['height']}x{request['width']}] final latents rel {rel:.2e}, image max "
+          f"diff {worst}/255, UNet runs {unet.graphs.captures} capture(s) {unet.graphs.replays} replays, "
+          f"{unet.allocations} buffer allocations, pool {pool} -> {cp.get_default_memory_pool().total_bytes()} B")
+    assert kind is cp.ndarray  # the latents the loop hands the callback live on the device
+    assert rel < 1e-5 and worst <= 1
+    assert unet.allocations == allocations and unet.last_run == "replayed" and unet.graphs.captures == 1
+    assert not unet.graphs.failures
+    assert device.engines["unet"]._backend.activation.size == max(SimEngine.ACTIVATION_BYTES.values())
+
+
+# ---------------------------------------------------------------- the fp16 reference on CUDA (the GPU oracle)
+
+@pytest.fixture(scope="module")
+def cuda_torch():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("PyTorch has no CUDA device here")
+    return torch
+
+
+@pytest.mark.parametrize("preset", ["tiny", "sd15"])
+def test_fp16_reference_on_cuda_meets_the_fp16_thresholds(cuda_torch, preset, tmp_path_factory):
+    """DESIGN.md's fp16 thresholds hold for an fp16 implementation of these very models: the reference in fp16 on
+    CUDA vs the reference in fp32 (TF32 off), per sub-model (cosine) and end to end (image PSNR, same latents)."""
+    import os
+
+    from rtsd.engine.torch import TorchBackend
+    from rtsd.export.parity import FP16_MIN_COSINE, MIN_IMAGE_PSNR_DB, compare, psnr
+    from rtsd.models import load_checkpoint
+    from rtsd.models.synthetic import write_checkpoint
+    from rtsd.runtime import Runtime
+
+    torch = cuda_torch
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    given = os.environ.get("RTSD_SD15_CHECKPOINT") if preset == "sd15" else None
+    checkpoint = given or write_checkpoint(tmp_path_factory.mktemp(preset) / "model.safetensors", preset)
+    full = load_checkpoint(checkpoint, dtype=torch.float32, device="cuda")
+    half = load_checkpoint(checkpoint, dtype=torch.float16, device="cuda")
+    size = 256 if preset == "sd15" else 128
+    engines = {"fp32": TorchBackend(full).load(), "fp16": TorchBackend(half).load()}
+    lines = []
+    for component, reference in engines["fp32"].items():
+        feeds = reference.spec.sample_inputs(2 * reference.spec.batch_factor, size, size, seed=1)
+        want = reference.to_host(next(iter(reference.infer(feeds).values())))
+        got = engines["fp16"][component].to_host(next(iter(engines["fp16"][component].infer(feeds).values())))
+        metrics = compare(got, want)
+        lines.append(f"{component} cosine {metrics.cosine:.6f} rel {metrics.rel_l2:.2e}")
+        assert np.isfinite(got).all() and metrics.cosine > FP16_MIN_COSINE, (component, metrics)
+    request = dict(prompt="a lighthouse on a cliff at dusk", negative_prompt="blurry", steps=10, height=size,
+                   width=size, seed=7, scheduler="dpmpp_2m")
+    images = {name: np.asarray(Runtime.from_reference(models).generate(**request).images[0], np.float32) / 255
+              for name, models in (("fp32", full), ("fp16", half))}
+    db = psnr(images["fp16"], images["fp32"])
+    print(f"\n[{preset} fp16 on CUDA vs fp32] " + "; ".join(lines) + f"; end to end {db:.1f} dB")
+    assert db > MIN_IMAGE_PSNR_DB
 
 
 # ---------------------------------------------------------------- TensorRT (build + run a tiny engine directory)
