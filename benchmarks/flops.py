@@ -1,6 +1,7 @@
 """FLOPs of one call of each exported sub-model, counted from its ONNX graph at concrete shapes.
 
     python benchmarks/flops.py ENGINE_DIR [--size 512] [--images 1]
+    python benchmarks/flops.py --checkpoint sd.safetensors [--size 512]   no export needed (torch's counter)
 
 The graph is read without its weights; the symbolic input axes are fixed to the benchmark's shapes and ONNX
 Runtime's symbolic shape inference (which, unlike onnx's own, follows the Shape/Slice arithmetic of the traced
@@ -12,6 +13,10 @@ graph) gives every tensor's shape. Counted, as 2 FLOPs per multiply-add:
 
 Everything else (normalisations, activations, softmax, residual adds) is a few FLOPs per element, well under 1% of
 these networks, and is left out; the floor is therefore a slight underestimate, which is the safe side for a floor.
+
+Without an export (``--checkpoint``, or a benchmark run of the baselines only) the same three categories are counted
+by torch's FlopCounterMode on the PyTorch reference networks built on the meta device (shapes only, no weights
+read, seconds even for SD 1.5); tests/test_benchmark_smoke.py checks both counts are equal.
 """
 
 from __future__ import annotations
@@ -77,6 +82,33 @@ def engine_dir_flops(engine_dir: str | Path, images: int, height: int, width: in
     return result
 
 
+def reference_flops(checkpoint: str | Path, images: int, height: int, width: int,
+                    guidance: bool = True) -> dict[str, dict[str, int]]:
+    """Like ``engine_dir_flops`` but counted by torch on the reference networks (built on the meta device from the
+    checkpoint's detected architecture): {component: {"torch": flops}}."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from rtsd.checkpoint import detect_config, open_checkpoint
+    from rtsd.export.onnx import component_module
+    from rtsd.export.specs import specs_for
+    from rtsd.models import build_models
+
+    config = detect_config(open_checkpoint(checkpoint).shapes)
+    models, specs = build_models(config, device="meta"), specs_for(config)
+    result = {}
+    for name in ("text_encoder", "unet", "vae_decoder"):
+        spec = specs[name]
+        shapes = spec.shapes(images * (spec.batch_factor if guidance else 1), height, width)
+        args = [torch.zeros(shapes[t.name], dtype=getattr(torch, t.dtype), device="meta") for t in spec.inputs]
+        counter = FlopCounterMode(display=False)
+        with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), counter:
+            component_module(models, name)(*args)
+        result[name] = {"torch": counter.get_total_flops()}
+    return result
+
+
 def _load_structure(path: Path):
     """The graph with the values of every initializer except Conv/MatMul/Gemm weights (gigabytes for a full-size
     UNet, and never needed: shape inference only reads the constants feeding shape arithmetic and elementwise ops)."""
@@ -116,11 +148,18 @@ def _known(shapes: dict[str, tuple], name: str, node) -> tuple[int, ...]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("engine_dir", type=Path)
+    parser.add_argument("engine_dir", type=Path, nargs="?", help="an exported engine directory (ONNX count)")
+    parser.add_argument("--checkpoint", help="count on the reference networks of this checkpoint instead (torch)")
     parser.add_argument("--size", type=int, default=512, help="image height = width in pixels (default 512)")
     parser.add_argument("--images", type=int, default=1, help="images per call (default 1; CFG doubles the rows)")
     args = parser.parse_args()
-    for name, counts in engine_dir_flops(args.engine_dir, args.images, args.size, args.size).items():
+    if (args.engine_dir is None) == (args.checkpoint is None):
+        parser.error("give an ENGINE_DIR or --checkpoint, not both")
+    if args.checkpoint:
+        counted = reference_flops(args.checkpoint, args.images, args.size, args.size)
+    else:
+        counted = engine_dir_flops(args.engine_dir, args.images, args.size, args.size)
+    for name, counts in counted.items():
         parts = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in counts.items())
         print(f"{name:<13} {sum(counts.values()) / 1e9:10.2f} GFLOP   ({parts})")
     return 0

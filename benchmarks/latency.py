@@ -240,13 +240,15 @@ def _ensure_engines(plan: Plan, kind: str, cache: Path) -> tuple[Path, dict]:
 
 
 def _flops(plan: Plan) -> dict | None:
-    """FLOPs per call counted from an exported ONNX graph (any export of the checkpoint: the networks are the same)."""
-    from flops import engine_dir_flops
+    """FLOPs per call counted from an exported ONNX graph (any export of the checkpoint: the networks are the same),
+    or by torch on the reference networks when only the baselines run."""
+    from flops import engine_dir_flops, reference_flops
 
-    if not plan.engine_dirs:
-        return None
-    per_call = engine_dir_flops(next(iter(plan.engine_dirs.values())), 1, plan.height, plan.width,
-                                guidance=plan.rows == 2)
+    if plan.engine_dirs:
+        per_call = engine_dir_flops(next(iter(plan.engine_dirs.values())), 1, plan.height, plan.width,
+                                    guidance=plan.rows == 2)
+    else:
+        per_call = reference_flops(plan.checkpoint, 1, plan.height, plan.width, guidance=plan.rows == 2)
     flops = {name: {**counts, "total": sum(counts.values())} for name, counts in per_call.items()}
     flops["end_to_end"] = {"total": flops["text_encoder"]["total"] + plan.steps * flops["unet"]["total"]
                            + flops["vae_decoder"]["total"], "how": f"text encoder + {plan.steps} UNet calls + VAE decode"}

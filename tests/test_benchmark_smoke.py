@@ -95,7 +95,7 @@ def test_flop_count_equals_torch_count_of_the_reference(run):
     from torch.utils.flop_counter import FlopCounterMode
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from flops import engine_dir_flops
+    from flops import engine_dir_flops, reference_flops
 
     from rtsd.export.onnx import component_module
     from rtsd.export.specs import specs_for
@@ -112,3 +112,6 @@ def test_flop_count_equals_torch_count_of_the_reference(run):
         with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), counter:
             component_module(models, name)(*(torch.from_numpy(feeds[t.name]) for t in specs[name].inputs))
         assert sum(counted[name].values()) == counter.get_total_flops(), name
+    # the export-free count (meta device) used when only the baselines run is the same number
+    on_meta = reference_flops(report["settings"]["checkpoint"], images=1, height=size, width=size)
+    assert {name: sum(c.values()) for name, c in counted.items()} == {n: c["torch"] for n, c in on_meta.items()}
