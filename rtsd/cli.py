@@ -76,8 +76,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default=None, help="WxH, e.g. 512x512 (default: the init image's size, else 512x512)")
     p.add_argument("--scheduler", default="dpmpp_2m")
     p.add_argument("--num-images", type=int, default=1)
-    p.add_argument("--image", type=Path, help="init image for img2img")
-    p.add_argument("--strength", type=float, default=0.8, help="img2img: how much of the init image to repaint")
+    p.add_argument("--image", type=Path, help="init image for img2img, or the image to inpaint (with --mask)")
+    p.add_argument("--mask", type=Path, help="inpainting mask, same size as --image: white = repaint, black = keep "
+                   "(needs an engine directory exported from an inpainting checkpoint)")
+    p.add_argument("--strength", type=float, default=None,
+                   help="how much of the init image to repaint (default: 0.8 for img2img, 1.0 for inpainting)")
     p.add_argument("--backend", choices=("tensorrt", "onnxruntime"), default=None)
     p.set_defaults(run=_generate)
 
@@ -131,11 +134,14 @@ def _export(args) -> int:
 def _generate(args) -> int:
     from rtsd.runtime import Runtime
 
+    if args.mask is not None and args.image is None:
+        raise ValueError("--mask needs --image: the image to inpaint (white mask pixels are repainted)")
     width, height = _size(args.size, args.image)
     runtime = Runtime(args.engine_dir, backend=args.backend)
     result = runtime.generate(args.prompt, args.negative, steps=args.steps, guidance_scale=args.cfg, height=height,
                               width=width, seed=args.seed, scheduler=args.scheduler, num_images=args.num_images,
-                              image=args.image, strength=args.strength, callback=_progress_bar(args.steps))
+                              image=args.image, mask_image=args.mask, strength=args.strength,
+                              callback=_progress_bar(args.steps))
     for path, image in zip(_output_paths(args.output, len(result.images)), result.images):
         save_png(image, path, result.parameters)
         print(f"wrote {path}")

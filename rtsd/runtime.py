@@ -9,6 +9,10 @@ Seeds: the initial noise is ``numpy.random.default_rng(seed).standard_normal((N,
 (PCG64), and stochastic samplers draw their per-step noise from the same generator afterwards, in step order. The
 same seed gives the same images on every machine and backend up to the engines' arithmetic. It does not reproduce
 diffusers' torch.randn noise; pass ``latents=`` to use noise from elsewhere.
+
+Inpainting (engine dirs whose UNet takes 9 channels) follows diffusers' StableDiffusionInpaintPipeline: the mask is
+binarised at 0.5 (white = repaint, black = keep), the masked image (repainted area set to mid-grey) is encoded once,
+and every UNet call gets [latents, mask at latent size, masked-image latents] concatenated on the device.
 """
 
 from __future__ import annotations
@@ -82,8 +86,12 @@ class Runtime:
     def generate(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
                  steps: int = 30, guidance_scale: float = 7.5, height: int = 512, width: int = 512,
                  seed: int | None = None, scheduler: str = "dpmpp_2m", scheduler_options: dict | None = None,
-                 num_images: int = 1, latents: np.ndarray | None = None, image=None, strength: float = 0.8,
-                 callback: StepCallback | None = None) -> GenerationResult:
+                 num_images: int = 1, latents: np.ndarray | None = None, image=None, mask_image=None,
+                 strength: float | None = None, callback: StepCallback | None = None) -> GenerationResult:
+        """image: init image (PIL, path, or (H, W, 3) uint8 / [0, 1] float array) for img2img, or the picture to
+        inpaint; mask_image: inpainting engine dirs only, same size, white = repaint, black = keep (PIL "L"/"1"/"RGB",
+        path, or (H, W) array). strength: how much to repaint, default 0.8 for img2img and 1.0 for inpainting
+        (1.0 starts from pure noise; less starts from the noised encoded image)."""
         timings: dict[str, float] = {}
         start = time.perf_counter()
 
@@ -91,13 +99,15 @@ class Runtime:
         prompts, negatives = _prompt_lists(prompt, negative_prompt, num_images)
         n = len(prompts)
         self.shape_range.check(n, height, width)
-        if self.config.is_inpainting:
-            raise ValueError("this engine directory holds an inpainting UNet (9 input channels); generate() drives "
-                             "text-to-image and image-to-image UNets only")
+        inpaint = _check_mode(self.config.is_inpainting, image, mask_image)
+        if strength is None:
+            strength = 1.0 if inpaint else 0.8
         sampler = self._scheduler(scheduler, steps, scheduler_options)
         latent_shape = (n, self.config.latent_channels, height // 8, width // 8)
         initial = _check_latents(latents, latent_shape) if latents is not None else None
-        init_pixels = _image_array(image, height, width, n) if image is not None else None
+        # Inpainting encodes its one image once (1 row) and repeats the latents on the device for every image.
+        init_pixels = _image_array(image, height, width, 1 if inpaint else n) if image is not None else None
+        mask = _mask_array(mask_image, height, width) if inpaint else None
         start_index = _img2img_start(sampler, steps, strength) if image is not None else 0
         seed = secrets.randbelow(2**32) if seed is None else int(seed)
         rng = np.random.default_rng(seed)
@@ -113,14 +123,26 @@ class Runtime:
         self._sync()
         timings["text_encoder"] = time.perf_counter() - t0
 
-        # 3. Initial latents: seeded noise (or the caller's), or for img2img the encoded image noised to the start step.
+        # 3. Initial latents: seeded noise (or the caller's), or for img2img the encoded image noised to the start step;
+        #    inpainting at strength 1 starts from pure noise, as diffusers does. Inpainting also encodes the masked image:
+        #    mask + masked-image latents are the UNet's 5 extra channels, on the device, one row per UNet batch row.
         noise = initial if initial is not None else rng.standard_normal(latent_shape, dtype=np.float32)
-        if init_pixels is None:
+        t0 = time.perf_counter()
+        if init_pixels is None or (inpaint and strength == 1.0):
             x = xp.asarray(noise) * sampler.init_noise_sigma
         else:
-            t0 = time.perf_counter()
-            encoded = self.engines["vae_encoder"].infer({"images": xp.asarray(init_pixels)})["latent"]
+            encoded = self._encode(init_pixels)
+            if inpaint:
+                encoded = xp.concatenate([encoded] * n)
             x = sampler.add_noise(encoded, xp.asarray(noise), start_index)
+        extra_channels = None
+        if inpaint:
+            # diffusers zeroes the repainted area of the [-1, 1] image: mid-grey 0.5 in the encoder's [0, 1] input.
+            masked_pixels = init_pixels * (1.0 - mask) + np.float32(0.5) * mask
+            extra = xp.concatenate([xp.asarray(_latent_mask(mask)), self._encode(masked_pixels)], axis=1)
+            extra_channels = xp.concatenate([extra] * (2 * n if use_cfg else n))
+        if init_pixels is not None:
+            self._sync()
             timings["vae_encode"] = time.perf_counter() - t0
 
         # 4. Denoise: one UNet call per scheduler timestep, CFG combine and step on the engines' array module.
@@ -132,6 +154,8 @@ class Runtime:
             model_in = sampler.scale_model_input(x, i)
             if use_cfg:
                 model_in = xp.concatenate([model_in, model_in])
+            if extra_channels is not None:
+                model_in = xp.concatenate([model_in, extra_channels], axis=1)
             rows = model_in.shape[0]
             out = unet.infer({"sample": model_in, "timestep": xp.full((rows,), t, dtype=xp.float32),
                               "encoder_hidden_states": context})["model_output"]
@@ -162,9 +186,14 @@ class Runtime:
         parameters = {"prompt": prompts[0] if n == 1 else prompts, "negative_prompt": negatives[0] if n == 1 else negatives,
                       "steps": steps, "guidance_scale": guidance_scale, "height": height, "width": width,
                       "seed": seed, "scheduler": scheduler, "scheduler_options": scheduler_options or {},
-                      "strength": strength if image is not None else None, "backend": self.backend_name,
+                      "strength": strength if image is not None else None, "inpainting": inpaint,
+                      "backend": self.backend_name,
                       "model": self.config.family, "checkpoint_sha256": self.source_sha256}
         return GenerationResult(images=images, seed=seed, timings=timings, parameters=parameters)
+
+    def _encode(self, pixels: np.ndarray):
+        """[0, 1] host pixels -> scaled latents (posterior mean) on the engines' array module."""
+        return self.engines["vae_encoder"].infer({"images": self.xp.asarray(pixels)})["latent"]
 
     def _scheduler(self, name: str, steps: int, options: dict | None):
         """A fresh scheduler for one generation, on the checkpoint's training schedule; options override."""
@@ -213,25 +242,100 @@ def _check_latents(latents, shape: tuple[int, ...]) -> np.ndarray:
     return latents.astype(np.float32, copy=False)
 
 
+def _check_mode(inpainting_unet: bool, image, mask_image) -> bool:
+    """True for an inpainting request; refuse a mask the UNet cannot take, or an inpainting UNet without one."""
+    if inpainting_unet and (image is None or mask_image is None):
+        raise ValueError("this engine directory holds an inpainting UNet (9 input channels): pass both an image and a "
+                         "mask (image=..., mask_image=...; CLI: --image and --mask), white = repaint, black = keep")
+    if not inpainting_unet and mask_image is not None:
+        raise ValueError("a mask needs an inpainting engine directory (9-channel UNet, e.g. exported from "
+                         "sd-v1-5-inpainting); this one holds a text-to-image UNet: drop the mask, or use --image "
+                         "alone for img2img")
+    return inpainting_unet
+
+
 def _image_array(image, height: int, width: int, n: int) -> np.ndarray:
     """An RGB init image of exactly (width, height) -> float32 (n, 3, H, W) in [0, 1]."""
     from PIL import Image
 
-    if isinstance(image, (str, Path)):
-        try:
-            image = Image.open(image)
-            image.load()
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"cannot read init image: {exc}") from None
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"image must be a PIL image or a path, got {type(image).__name__}")
-    if image.mode != "RGB":
-        raise ValueError(f"init image must be RGB, got mode {image.mode!r}; convert it with image.convert('RGB')")
-    if image.size != (width, height):
-        raise ValueError(f"init image is {image.size[0]}x{image.size[1]} but the requested size is {width}x{height}; "
-                         f"pass width={image.size[0]}, height={image.size[1]} or resize the image")
-    pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
+    image = _open(image, "init image")
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"an init image array must be (height, width, 3) RGB, got shape {image.shape}")
+        pixels = _unit_range(image, "init image")
+    elif isinstance(image, Image.Image):
+        if image.mode != "RGB":
+            raise ValueError(f"init image must be RGB, got mode {image.mode!r}; convert it with image.convert('RGB')")
+        pixels = np.asarray(image, dtype=np.float32) / 255.0
+    else:
+        raise TypeError(f"image must be a PIL image, a path or a NumPy array, got {type(image).__name__}")
+    _check_size(pixels.shape, height, width, "init image")
+    pixels = pixels.transpose(2, 0, 1)
     return np.ascontiguousarray(np.broadcast_to(pixels, (n, *pixels.shape)))
+
+
+def _mask_array(mask, height: int, width: int) -> np.ndarray:
+    """An inpainting mask of exactly (width, height) -> float32 (1, 1, H, W) of 0 (keep) and 1 (repaint).
+
+    As diffusers: greyscale in [0, 1], binarised at 0.5 (RGB is converted to luminance first).
+    """
+    from PIL import Image
+
+    mask = _open(mask, "mask image")
+    if isinstance(mask, np.ndarray):
+        if mask.ndim == 3 and mask.shape[2] == 1:
+            mask = mask[:, :, 0]
+        if mask.ndim != 2:
+            raise ValueError(f"a mask array must be (height, width) greyscale, got shape {mask.shape}")
+        values = _unit_range(mask, "mask image")
+    elif isinstance(mask, Image.Image):
+        if mask.mode not in ("L", "1", "RGB"):
+            raise ValueError(f"mask image must be greyscale (mode 'L' or '1') or RGB, got mode {mask.mode!r}; "
+                             f"convert it with mask.convert('L') (white = repaint, black = keep)")
+        values = np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
+    else:
+        raise TypeError(f"mask_image must be a PIL image, a path or a NumPy array, got {type(mask).__name__}")
+    _check_size(values.shape, height, width, "mask image")
+    return (values >= 0.5).astype(np.float32)[None, None]
+
+
+def _latent_mask(mask: np.ndarray) -> np.ndarray:
+    """The pixel mask at latent size: nearest neighbour, i.e. every 8th pixel (torch's interpolate, diffusers)."""
+    return np.ascontiguousarray(mask[:, :, ::8, ::8])
+
+
+def _open(image, what: str):
+    from PIL import Image
+
+    if not isinstance(image, (str, Path)):
+        return image
+    try:
+        opened = Image.open(image)
+        opened.load()
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read {what}: {exc}") from None
+    return opened
+
+
+def _unit_range(array: np.ndarray, what: str) -> np.ndarray:
+    """uint8 (0..255), bool, or float in [0, 1] -> float32 in [0, 1]."""
+    if array.dtype == np.uint8:
+        return array.astype(np.float32) / 255.0
+    if array.dtype == np.bool_:
+        return array.astype(np.float32)
+    if not np.issubdtype(array.dtype, np.floating):
+        raise TypeError(f"{what} array must be uint8 (0..255), bool, or float (0..1), got dtype {array.dtype}")
+    array = array.astype(np.float32)
+    if not np.isfinite(array).all() or array.min(initial=0.0) < 0.0 or array.max(initial=0.0) > 1.0:
+        raise ValueError(f"{what} float array must hold values in [0, 1]; scale uint8 data by 1/255 or pass uint8")
+    return array
+
+
+def _check_size(shape: tuple[int, ...], height: int, width: int, what: str) -> None:
+    got_h, got_w = shape[:2]
+    if (got_h, got_w) != (height, width):
+        raise ValueError(f"{what} is {got_w}x{got_h} but the requested size is {width}x{height}; "
+                         f"pass width={got_w}, height={got_h} or resize it to {width}x{height}")
 
 
 def _img2img_start(sampler, steps: int, strength: float) -> int:

@@ -43,3 +43,21 @@ def tiny_sd2_engine_dir(tiny_sd2_checkpoint, tmp_path_factory):
 
     return export(tiny_sd2_checkpoint, tmp_path_factory.mktemp("engines") / "tiny-sd2",
                   shape_range=ShapeRange(**EXPORT_RANGE), prediction_type="v_prediction", progress=None)
+
+
+@pytest.fixture(scope="session")
+def tiny_inpaint_checkpoint(tmp_path_factory):
+    """Path of a ``tiny-inpaint`` preset checkpoint: ``tiny`` with a 9-input-channel (inpainting) UNet."""
+    from rtsd.models.synthetic import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("checkpoints") / "tiny-inpaint.safetensors", "tiny-inpaint", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_inpaint_engine_dir(tiny_inpaint_checkpoint, tmp_path_factory):
+    """An fp32 ONNX engine directory of the tiny inpainting checkpoint (same range as ``tiny_engine_dir``)."""
+    from rtsd.export.pipeline import export
+    from rtsd.export.specs import ShapeRange
+
+    return export(tiny_inpaint_checkpoint, tmp_path_factory.mktemp("engines") / "tiny-inpaint",
+                  shape_range=ShapeRange(**EXPORT_RANGE), progress=None)

@@ -198,3 +198,14 @@ def _drop_last_layer(text_encoder: CLIPTextModel, config: ModelConfig) -> CLIPTe
 
 def _with_layers(config: ModelConfig, layers: int) -> ModelConfig:
     return dataclasses.replace(config, text_encoder=dataclasses.replace(config.text_encoder, num_layers=layers))
+
+
+def diffusers_inpaint_pipeline(path, config: ModelConfig, tokenizer_dir, scheduler, dtype: torch.dtype = torch.float32,
+                               device: str = "cpu"):
+    """diffusers' StableDiffusionInpaintPipeline on the same components as ``diffusers_pipeline`` (9-channel UNets)."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    base = diffusers_pipeline(path, config, tokenizer_dir, scheduler, dtype=dtype, device=device)
+    pipe = StableDiffusionInpaintPipeline(**base.components, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -40,6 +40,13 @@ PRESETS: dict[str, ModelConfig] = {
         vae=VAEConfig(ch=32),
         text_encoder=TextEncoderConfig(**_TINY_TEXT),
     ),
+    # "tiny" with an inpainting UNet (sd-v1-5-inpainting's layout): 9 input channels = latents + mask + masked image.
+    "tiny-inpaint": ModelConfig(
+        family="sd1",
+        unet=UNetConfig(in_channels=9, model_channels=32, context_dim=128),
+        vae=VAEConfig(ch=32),
+        text_encoder=TextEncoderConfig(**_TINY_TEXT),
+    ),
     # Exactly SD 1.5 (v1-inference.yaml + CLIP ViT-L/14 text model).
     "sd15": ModelConfig(family="sd1"),
     # SD 2.1's layout with few channels; 64 model channels is the least that 64-wide heads allow.

@@ -1,0 +1,223 @@
+"""Inpainting: a 9-channel UNet (tiny-inpaint) exported to ONNX and driven by Runtime.generate / `rtsd generate --mask`.
+
+Oracle: diffusers' StableDiffusionInpaintPipeline on the same checkpoint (through diffusers' own converters,
+tests/diffusers_oracle.py), fed the same noise and encoding to the posterior mean, as rtsd does.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rtsd.cli import main
+from rtsd.export.manifest import Manifest
+from rtsd.export.parity import psnr
+from rtsd.runtime import Runtime
+from tests.diffusers_oracle import diffusers_inpaint_pipeline, diffusers_scheduler
+
+HEIGHT, WIDTH = 128, 192  # non-square: 16x24 latents
+DDIM = {"set_alpha_to_one": False, "clip_sample": False}
+
+
+@pytest.fixture(scope="module")
+def runtime(tiny_inpaint_engine_dir):
+    return Runtime(tiny_inpaint_engine_dir, backend="onnxruntime")
+
+
+def _init_image() -> Image.Image:
+    return Image.fromarray(np.random.default_rng(5).integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8))
+
+
+def _mask() -> np.ndarray:
+    """uint8 mask: a rectangle whose values ramp 0..255 left to right, so binarising at 0.5 decides its left edge."""
+    mask = np.zeros((HEIGHT, WIDTH), np.uint8)
+    mask[30:100, :] = np.linspace(0, 255, WIDTH).round().astype(np.uint8)
+    return mask
+
+
+def test_engine_dir_records_an_inpainting_unet(tiny_inpaint_engine_dir):
+    manifest = Manifest.read(tiny_inpaint_engine_dir)
+    assert manifest.model.is_inpainting
+    assert manifest.spec("unet").inputs[0].shape == ("batch", 9, "latent_height", "latent_width")
+    assert manifest.components["unet"]["profile"]["sample"]["max"] == [4, 9, 32, 32]
+    assert manifest.components["unet"]["parity"]["passed"]  # export checked the 9-channel UNet against the reference
+
+
+@pytest.mark.parametrize("scheduler,options,strength,guidance,images,as_arrays", [
+    ("ddim", DDIM, 1.0, 7.5, 1, False),
+    ("ddim", DDIM, 0.6, 7.5, 1, False),
+    ("euler", {}, 1.0, 7.5, 1, False),
+    ("euler", {}, 0.6, 7.5, 1, False),
+    # Two images without CFG, image and mask passed as arrays (diffusers gets the same pixels as PIL images).
+    ("euler", {}, 0.75, 1.0, 2, True),
+])
+def test_inpainting_matches_diffusers_pipeline(runtime, tiny_inpaint_checkpoint, tiny_inpaint_engine_dir, monkeypatch,
+                                               scheduler, options, strength, guidance, images, as_arrays):
+    import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint as inpaint
+
+    config = runtime.config
+    init, mask = _init_image(), _mask()
+    noise = np.random.default_rng(6).standard_normal((images, 4, HEIGHT // 8, WIDTH // 8), dtype=np.float32)
+    prompt, negative = "a cat sleeping on a red sofa", "blurry"
+    ours = runtime.generate(prompt, negative, steps=8, guidance_scale=guidance, height=HEIGHT, width=WIDTH,
+                            scheduler=scheduler, scheduler_options=options, latents=noise, num_images=images,
+                            image=np.asarray(init) if as_arrays else init,
+                            mask_image=mask / 255.0 if as_arrays else Image.fromarray(mask), strength=strength)
+    assert ours.parameters["inpainting"] and ours.parameters["strength"] == strength
+
+    # diffusers draws its noise itself (for strength < 1 it must: `latents=` would skip noising the image) and
+    # samples the VAE posterior: give it rtsd's noise and the posterior mean.
+    monkeypatch.setattr(inpaint, "randn_tensor", lambda shape, **kw: torch.from_numpy(noise).reshape(shape))
+    original = inpaint.retrieve_latents
+    monkeypatch.setattr(inpaint, "retrieve_latents", lambda out, generator=None, sample_mode="sample":
+                        original(out, generator, sample_mode="argmax"))
+    pipe = diffusers_inpaint_pipeline(tiny_inpaint_checkpoint, config, tiny_inpaint_engine_dir / "tokenizer",
+                                      diffusers_scheduler(scheduler, config, **options))
+    with torch.inference_mode():
+        theirs = pipe(prompt, negative_prompt=negative, image=init, mask_image=Image.fromarray(mask),
+                      strength=strength, num_inference_steps=8, guidance_scale=guidance, height=HEIGHT, width=WIDTH,
+                      num_images_per_prompt=images, output_type="np").images
+    for index in range(images):
+        value = psnr(np.asarray(ours.images[index], np.float64) / 255, theirs[index])
+        assert value > 40, f"{scheduler} strength={strength} cfg={guidance} image {index}: PSNR {value:.1f} dB"
+
+
+def test_the_mask_and_the_image_steer_the_result(runtime):
+    """The extra channels reach the UNet: another mask or another image gives a clearly different picture."""
+    kwargs = dict(steps=4, height=HEIGHT, width=WIDTH, scheduler="euler", seed=3)
+    init, mask = _init_image(), _mask()
+
+    def pixels(image, mask_array):
+        result = runtime.generate("a boat", image=image, mask_image=Image.fromarray(mask_array), **kwargs)
+        return np.asarray(result.images[0], np.float64) / 255
+
+    base = pixels(init, mask)
+    assert psnr(pixels(init, 255 - mask), base) < 30
+    assert psnr(pixels(Image.fromarray(255 - np.asarray(init)), mask), base) < 35
+
+
+def _refuse_engine_calls(runtime: Runtime) -> None:
+    for engine in runtime.engines.values():
+        engine.infer = lambda feeds: pytest.fail("an engine ran for a request that should have been refused")
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(), ValueError, r"inpainting UNet \(9 input channels\): pass both an image and a mask"),
+    (dict(image="init"), ValueError, "pass both an image and a mask"),
+    (dict(mask_image="mask"), ValueError, "pass both an image and a mask"),
+    (dict(image="init", mask_image=Image.new("L", (64, 128))), ValueError,
+     "mask image is 64x128 but the requested size is 192x128"),
+    (dict(image="init", mask_image=Image.new("RGBA", (WIDTH, HEIGHT))), ValueError,
+     r"mask image must be greyscale .* got mode 'RGBA'; convert it with mask.convert\('L'\)"),
+    (dict(image="init", mask_image=Image.new("I;16", (WIDTH, HEIGHT))), ValueError, "got mode 'I;16'"),
+    (dict(image="init", mask_image=np.zeros((HEIGHT, WIDTH, 3), np.uint8)), ValueError,
+     r"mask array must be \(height, width\) greyscale"),
+    (dict(image="init", mask_image=np.full((HEIGHT, WIDTH), 2.0)), ValueError, r"values in \[0, 1\]"),
+    (dict(image="init", mask_image=np.zeros((HEIGHT, WIDTH), np.int32)), TypeError, "uint8"),
+    (dict(image="init", mask_image="no/such/mask.png"), ValueError, "cannot read mask image"),
+    (dict(image=Image.new("RGB", (WIDTH, 64)), mask_image="mask"), ValueError, "init image is 192x64"),
+    (dict(image="init", mask_image="mask", strength=0.0), ValueError, "strength"),
+])
+def test_bad_inpainting_requests_fail_before_any_engine_runs(tiny_inpaint_engine_dir, kwargs, error, match):
+    runtime = Runtime(tiny_inpaint_engine_dir, backend="onnxruntime")
+    _refuse_engine_calls(runtime)
+    named = {"init": _init_image(), "mask": Image.fromarray(_mask())}
+    kwargs = {k: named.get(v, v) if isinstance(v, str) else v for k, v in kwargs.items()}
+    with pytest.raises(error, match=match):
+        runtime.generate("a", height=HEIGHT, width=WIDTH, steps=4, **kwargs)
+
+
+def test_a_mask_for_a_text_to_image_engine_dir_is_refused(tiny_engine_dir):
+    runtime = Runtime(tiny_engine_dir, backend="onnxruntime")
+    _refuse_engine_calls(runtime)
+    with pytest.raises(ValueError, match="a mask needs an inpainting engine directory"):
+        runtime.generate("a", height=HEIGHT, width=WIDTH, steps=4, image=_init_image(),
+                         mask_image=Image.fromarray(_mask()))
+
+
+@pytest.fixture()
+def image_files(tmp_path):
+    init, mask = tmp_path / "init.png", tmp_path / "mask.png"
+    _init_image().save(init)
+    Image.fromarray(_mask()).save(mask)
+    Image.new("L", (64, 64)).save(tmp_path / "small-mask.png")
+    return {"init": str(init), "mask": str(mask), "small": str(tmp_path / "small-mask.png"),
+            "missing": str(tmp_path / "missing.png")}
+
+
+def test_cli_generate_with_mask_writes_an_inpainted_png(tiny_inpaint_engine_dir, image_files, tmp_path, capsys):
+    out = tmp_path / "inpainted.png"
+    code = main(["generate", str(tiny_inpaint_engine_dir), "a cat", "--image", image_files["init"], "--mask",
+                 image_files["mask"], "-o", str(out), "--steps", "2", "--seed", "4", "--scheduler", "ddim",
+                 "--backend", "onnxruntime"])
+    assert code == 0, capsys.readouterr().err
+    image = Image.open(out)
+    assert image.size == (WIDTH, HEIGHT)  # the size comes from --image
+    parameters = json.loads(image.text["parameters"])
+    assert parameters["inpainting"] and parameters["strength"] == 1.0 and parameters["seed"] == 4
+
+
+@pytest.mark.parametrize("engines,argv,match", [
+    ("inpaint", ["--mask", "{mask}"], "--mask needs --image"),
+    ("inpaint", ["--image", "{init}"], "pass both an image and a mask"),
+    ("inpaint", ["--image", "{init}", "--mask", "{small}"], "mask image is 64x64 but the requested size is 192x128"),
+    ("inpaint", ["--image", "{init}", "--mask", "{missing}"], "cannot read mask image"),
+    ("tiny", ["--image", "{init}", "--mask", "{mask}"], "a mask needs an inpainting engine directory"),
+])
+def test_cli_mask_errors_exit_2_with_one_line(tiny_inpaint_engine_dir, tiny_engine_dir, image_files, tmp_path, capsys,
+                                              engines, argv, match):
+    engine_dir = {"inpaint": tiny_inpaint_engine_dir, "tiny": tiny_engine_dir}[engines]
+    out = tmp_path / "x.png"
+    code = main(["generate", str(engine_dir), "a", "-o", str(out), "--steps", "2", "--backend", "onnxruntime",
+                 *[a.format(**image_files) for a in argv]])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and not out.exists()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert re.search(match, err), err
+
+
+def _inpaint_unet(xp, inputs, outputs, overflow=False):
+    """Stand-in 9-channel UNet plan: every extra channel moves the output, so a dropped or misplaced one shows."""
+    sample, out = inputs["sample"], outputs["model_output"]
+    xp.multiply(sample[:, 4:5], 0.5, out=out)
+    out -= 0.25 * sample[:, 5:9]
+    out += sample[:, :4]
+    out += inputs["encoder_hidden_states"][:, 1:5, 0][:, :, None, None]
+
+
+def test_inpainting_loop_stays_on_the_device_through_the_tensorrt_backend(monkeypatch, tmp_path):
+    """Through TensorRTBackend (simulated TensorRT + CuPy, tests/tensorrt_sim.py) the latents are device arrays every
+    step and the result equals the same stand-in functions run in a plain NumPy loop."""
+    from rtsd.config import ModelConfig, UNetConfig
+    from rtsd.engine import tensorrt as trt_backend
+    from rtsd.export.specs import ShapeRange
+    from tests.tensorrt_sim import (MODEL_LIKE, DevArray, HostStandIn, SimCupy, SimTensorRT, generate_with_latents,
+                                    write_sim_engine_dir)
+
+    config, shape_range = ModelConfig("sd1", unet=UNetConfig(in_channels=9)), ShapeRange(64, 128, 64, max_batch=2)
+    compute = {**MODEL_LIKE, "unet": _inpaint_unet}
+    trt, cp = SimTensorRT(config, shape_range, compute=compute), SimCupy()
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda purpose: trt)
+    monkeypatch.setattr(trt_backend, "cuda_device", lambda purpose, device=0: (cp, "Sim GPU", "9.0"))
+    write_sim_engine_dir(tmp_path, config, shape_range, "Sim GPU", "9.0", overflow=())
+    device = Runtime(tmp_path, backend=trt_backend.TensorRTBackend())
+    host = Runtime(tmp_path, backend=HostStandIn(config, compute=compute))
+    mask = np.zeros((64, 128), np.uint8)
+    mask[16:48, 40:100] = 255
+    image = Image.fromarray(np.linspace(0, 255, 64 * 128 * 3).reshape(64, 128, 3).astype(np.uint8))
+    for strength in (1.0, 0.6):
+        request = dict(prompt=["a red fox", "a lighthouse"], negative_prompt="blurry", steps=6, height=64, width=128,
+                       seed=3, scheduler="euler", image=image, mask_image=Image.fromarray(mask), strength=strength)
+        latents, images, kind = generate_with_latents(device, np.asarray, **request)
+        expected, expected_images, _ = generate_with_latents(host, np.asarray, **request)
+        assert kind is DevArray
+        np.testing.assert_array_equal(latents, expected)
+        for got, want in zip(images, expected_images):
+            np.testing.assert_array_equal(got, want)
+        inverted = {**request, "mask_image": Image.fromarray(255 - mask)}
+        assert np.abs(generate_with_latents(host, np.asarray, **inverted)[0] - expected).max() > 0.1
