@@ -1,7 +1,8 @@
 """Inpainting: a 9-channel UNet (tiny-inpaint) exported to ONNX and driven by Runtime.generate / `rtsd generate --mask`.
 
 Oracle: diffusers' StableDiffusionInpaintPipeline on the same checkpoint (through diffusers' own converters,
-tests/diffusers_oracle.py), fed the same noise and encoding to the posterior mean, as rtsd does.
+tests/diffusers_oracle.py, imported where used so the GPU checks also run where diffusers is absent), fed the same
+noise and encoding to the posterior mean, as rtsd does.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from rtsd.cli import main
 from rtsd.export.manifest import Manifest
 from rtsd.export.parity import psnr
 from rtsd.runtime import Runtime
-from tests.diffusers_oracle import diffusers_inpaint_pipeline, diffusers_scheduler
 
 HEIGHT, WIDTH = 128, 192  # non-square: 16x24 latents
 DDIM = {"set_alpha_to_one": False, "clip_sample": False}
@@ -59,6 +59,8 @@ def test_engine_dir_records_an_inpainting_unet(tiny_inpaint_engine_dir):
 def test_inpainting_matches_diffusers_pipeline(runtime, tiny_inpaint_checkpoint, tiny_inpaint_engine_dir, monkeypatch,
                                                scheduler, options, strength, guidance, images, as_arrays):
     import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint as inpaint
+
+    from tests.diffusers_oracle import diffusers_inpaint_pipeline, diffusers_scheduler
 
     config = runtime.config
     init, mask = _init_image(), _mask()
@@ -182,42 +184,78 @@ def test_cli_mask_errors_exit_2_with_one_line(tiny_inpaint_engine_dir, tiny_engi
 
 
 def _inpaint_unet(xp, inputs, outputs, overflow=False):
-    """Stand-in 9-channel UNet plan: every extra channel moves the output, so a dropped or misplaced one shows."""
+    """Stand-in 9-channel UNet plan: every extra channel moves the output, so a dropped or misplaced one shows.
+    In place, no temporaries: under CUDA-graph capture (tests/tensorrt_sim.py's cuda launcher) nothing may allocate."""
     sample, out = inputs["sample"], outputs["model_output"]
-    xp.multiply(sample[:, 4:5], 0.5, out=out)
-    out -= 0.25 * sample[:, 5:9]
+    xp.multiply(sample[:, 5:9], -0.25, out=out)
+    out += sample[:, 4:5]
     out += sample[:, :4]
     out += inputs["encoder_hidden_states"][:, 1:5, 0][:, :, None, None]
 
 
-def test_inpainting_loop_stays_on_the_device_through_the_tensorrt_backend(monkeypatch, tmp_path):
-    """Through TensorRTBackend (simulated TensorRT + CuPy, tests/tensorrt_sim.py) the latents are device arrays every
-    step and the result equals the same stand-in functions run in a plain NumPy loop."""
+def _sim_inpainting(monkeypatch, tmp_path, cupy, launch, gpu: str, capability: str):
+    """(Runtime through TensorRTBackend on the simulated TensorRT, Runtime on the same stand-ins in NumPy, request)."""
     from rtsd.config import ModelConfig, UNetConfig
     from rtsd.engine import tensorrt as trt_backend
     from rtsd.export.specs import ShapeRange
-    from tests.tensorrt_sim import (MODEL_LIKE, DevArray, HostStandIn, SimCupy, SimTensorRT, generate_with_latents,
-                                    write_sim_engine_dir)
+    from tests.tensorrt_sim import MODEL_LIKE, HostStandIn, SimTensorRT, write_sim_engine_dir
 
     config, shape_range = ModelConfig("sd1", unet=UNetConfig(in_channels=9)), ShapeRange(64, 128, 64, max_batch=2)
     compute = {**MODEL_LIKE, "unet": _inpaint_unet}
-    trt, cp = SimTensorRT(config, shape_range, compute=compute), SimCupy()
+    trt = SimTensorRT(config, shape_range, compute=compute, launch=launch)
     monkeypatch.setattr(trt_backend, "import_tensorrt", lambda purpose: trt)
-    monkeypatch.setattr(trt_backend, "cuda_device", lambda purpose, device=0: (cp, "Sim GPU", "9.0"))
-    write_sim_engine_dir(tmp_path, config, shape_range, "Sim GPU", "9.0", overflow=())
-    device = Runtime(tmp_path, backend=trt_backend.TensorRTBackend())
-    host = Runtime(tmp_path, backend=HostStandIn(config, compute=compute))
+    monkeypatch.setattr(trt_backend, "cuda_device", lambda purpose, device=0: (cupy, gpu, capability))
+    write_sim_engine_dir(tmp_path, config, shape_range, gpu, capability, overflow=())
     mask = np.zeros((64, 128), np.uint8)
     mask[16:48, 40:100] = 255
     image = Image.fromarray(np.linspace(0, 255, 64 * 128 * 3).reshape(64, 128, 3).astype(np.uint8))
-    for strength in (1.0, 0.6):
-        request = dict(prompt=["a red fox", "a lighthouse"], negative_prompt="blurry", steps=6, height=64, width=128,
-                       seed=3, scheduler="euler", image=image, mask_image=Image.fromarray(mask), strength=strength)
-        latents, images, kind = generate_with_latents(device, np.asarray, **request)
-        expected, expected_images, _ = generate_with_latents(host, np.asarray, **request)
-        assert kind is DevArray
-        np.testing.assert_array_equal(latents, expected)
-        for got, want in zip(images, expected_images):
-            np.testing.assert_array_equal(got, want)
-        inverted = {**request, "mask_image": Image.fromarray(255 - mask)}
-        assert np.abs(generate_with_latents(host, np.asarray, **inverted)[0] - expected).max() > 0.1
+    request = dict(prompt=["a red fox", "a lighthouse"], negative_prompt="blurry", steps=6, height=64, width=128,
+                   seed=3, scheduler="euler", image=image, mask_image=Image.fromarray(mask))
+    return (Runtime(tmp_path, backend=trt_backend.TensorRTBackend()),
+            Runtime(tmp_path, backend=HostStandIn(config, compute=compute)), request)
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+def test_inpainting_loop_stays_on_the_device_through_the_tensorrt_backend(monkeypatch, tmp_path, strength):
+    """Through TensorRTBackend (simulated TensorRT + CuPy on host memory, tests/tensorrt_sim.py) the latents are
+    device arrays every step and the result equals the same stand-in functions run in a plain NumPy loop."""
+    from tests.tensorrt_sim import DevArray, SimCupy, cpu_launcher, generate_with_latents
+
+    device, host, request = _sim_inpainting(monkeypatch, tmp_path, SimCupy(), cpu_launcher(), "Sim GPU", "9.0")
+    request["strength"] = strength
+    latents, images, kind = generate_with_latents(device, np.asarray, **request)
+    expected, expected_images, _ = generate_with_latents(host, np.asarray, **request)
+    assert kind is DevArray
+    np.testing.assert_array_equal(latents, expected)
+    for got, want in zip(images, expected_images):
+        np.testing.assert_array_equal(got, want)
+    inverted = {**request, "mask_image": Image.fromarray(255 - np.asarray(request["mask_image"]))}
+    assert np.abs(generate_with_latents(host, np.asarray, **inverted)[0] - expected).max() > 0.1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+def test_inpainting_loop_on_the_gpu_equals_the_host_loop(monkeypatch, tmp_path, strength):
+    """The same on real CuPy device memory, the stand-in plans launched as CuPy kernels on the backend's stream
+    (captured into CUDA graphs): the extra channels are concatenated on the GPU."""
+    cupy = pytest.importorskip("cupy", reason="CuPy is not installed (pip install 'rtsd[tensorrt]')")
+    try:
+        if cupy.cuda.runtime.getDeviceCount() == 0:
+            pytest.skip("no CUDA device")
+    except Exception as exc:  # no driver
+        pytest.skip(f"no usable CUDA device: {type(exc).__name__}: {exc}")
+    from rtsd.engine.cuda import cuda_device
+    from tests.tensorrt_sim import cuda_launcher, generate_with_latents
+
+    _, gpu, capability = cuda_device("test")
+    device, host, request = _sim_inpainting(monkeypatch, tmp_path, cupy, cuda_launcher(cupy), gpu, capability)
+    request["strength"] = strength
+    latents, images, kind = generate_with_latents(device, cupy.asnumpy, **request)
+    expected, expected_images, _ = generate_with_latents(host, np.asarray, **request)
+    rel = np.linalg.norm(latents - expected) / np.linalg.norm(expected)
+    worst = max(int(np.abs(a.astype(int) - b).max()) for a, b in zip(images, expected_images))
+    unet = device.engines["unet"]
+    print(f"\n[inpainting strength {strength}] final latents rel {rel:.2e}, image max diff {worst}/255, UNet "
+          f"{unet.graphs.captures} capture(s) {unet.graphs.replays} replays")
+    assert kind is cupy.ndarray and rel < 1e-5 and worst <= 1
+    assert unet.graphs.captures == 1 and not unet.graphs.failures
