@@ -89,6 +89,17 @@ def test_inpainting_matches_diffusers_pipeline(runtime, tiny_inpaint_checkpoint,
         assert value > 40, f"{scheduler} strength={strength} cfg={guidance} image {index}: PSNR {value:.1f} dB"
 
 
+def test_parity_checks_an_inpainting_engine_dir_end_to_end(tiny_inpaint_engine_dir, tiny_inpaint_checkpoint):
+    """`rtsd parity` generates through both loops with a picture and a mask (the reference loop concatenates the
+    extra UNet channels on torch tensors)."""
+    from rtsd.export.parity import check_engine_dir
+
+    report = check_engine_dir(tiny_inpaint_engine_dir, tiny_inpaint_checkpoint, backend="onnxruntime",
+                              shapes=((1, 64, 64),), steps=3)
+    end_to_end = [c for c in report.checks if c.name.startswith("end-to-end")]
+    assert report.passed and len(end_to_end) == 1 and end_to_end[0].metrics.psnr > 40, report.table()
+
+
 def test_the_mask_and_the_image_steer_the_result(runtime):
     """The extra channels reach the UNet: another mask or another image gives a clearly different picture."""
     kwargs = dict(steps=4, height=HEIGHT, width=WIDTH, scheduler="euler", seed=3)

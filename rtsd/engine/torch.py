@@ -28,8 +28,8 @@ class TorchArrays:
     def asarray(self, array) -> torch.Tensor:
         return torch.as_tensor(array, device=self.device)
 
-    def concatenate(self, arrays) -> torch.Tensor:
-        return torch.cat(list(arrays))
+    def concatenate(self, arrays, axis: int = 0) -> torch.Tensor:
+        return torch.cat(list(arrays), dim=axis)
 
     def full(self, shape, value, dtype=torch.float32) -> torch.Tensor:
         return torch.full(shape, value, dtype=dtype, device=self.device)

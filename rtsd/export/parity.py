@@ -148,6 +148,8 @@ def check_against_reference(engine_dir: str | Path, models, *, backend: str | No
         latents = np.random.default_rng(0).standard_normal((1, manifest.model.latent_channels, size // 8, size // 8),
                                                            dtype=np.float32)
         kwargs = dict(steps=steps, height=size, width=size, latents=latents, scheduler="euler", seed=0)
+        if manifest.model.is_inpainting:
+            kwargs.update(_inpainting_request(size))
         prompt = "a photo of an astronaut riding a horse"
         ours = np.asarray(runtime.generate(prompt, **kwargs).images[0], np.float64) / 255
         ref = np.asarray(reference.generate(prompt, **kwargs).images[0], np.float64) / 255
@@ -156,6 +158,15 @@ def check_against_reference(engine_dir: str | Path, models, *, backend: str | No
                                    f"PSNR > {MIN_IMAGE_PSNR_DB:.0f} dB", metrics.psnr > MIN_IMAGE_PSNR_DB))
     runtime.close()
     return report
+
+
+def _inpainting_request(size: int) -> dict:
+    """A fixed picture (colour gradients) and a mask repainting its centre square, for inpainting engine dirs."""
+    ramp = np.linspace(0.0, 1.0, size, dtype=np.float32)
+    image = np.stack([np.add.outer(ramp, ramp) / 2, np.outer(ramp, 1 - ramp), np.add.outer(1 - ramp, ramp) / 2], -1)
+    mask = np.zeros((size, size), np.float32)
+    mask[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1.0
+    return {"image": image, "mask_image": mask}
 
 
 def _precision(manifest, name: str, backend: str) -> str:
