@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rtsd import diffusers_keys
+from rtsd.config import ModelConfig
 from rtsd.detection import COMPONENT_PREFIXES, detect_config
 from rtsd.errors import CheckpointError, MissingDependencyError, UnsupportedModelError
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Checkpoint", "open_checkpoint", "summarize", "detect_config", "read_prediction_type"]
+__all__ = ["Checkpoint", "open_checkpoint", "model_config", "summarize", "detect_config", "read_prediction_type"]
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -56,10 +57,9 @@ _VAE_ATTN_WEIGHT = re.compile(r"^first_stage_model\.(encoder|decoder)\.mid\.attn
 
 @dataclass(frozen=True)
 class _Source:
-    """Where one LDM tensor lives: a file, the key inside it, and the shape to view it as."""
+    """Where one LDM tensor lives: (file, key) parts concatenated on dim 0 (usually one), viewed as ``shape``."""
 
-    file: Path
-    key: str
+    parts: tuple[tuple[Path, str], ...]
     shape: tuple[int, ...]
 
 
@@ -83,17 +83,25 @@ class Checkpoint:
     def tensors(self, dtype: "torch.dtype | None" = None) -> dict[str, "torch.Tensor"]:
         """All model tensors under their LDM keys, in stored dtype unless ``dtype`` is given."""
         torch = _import_torch("Loading checkpoint tensors")
-        by_file: dict[Path, list[tuple[str, _Source]]] = {}
-        for key, src in self._sources.items():
-            by_file.setdefault(src.file, []).append((key, src))
+        by_file: dict[Path, list[tuple[str, int, str]]] = {}
+        for ldm_key, src in self._sources.items():
+            for index, (file, key) in enumerate(src.parts):
+                by_file.setdefault(file, []).append((ldm_key, index, key))
         out: dict[str, torch.Tensor] = {}
+        pending: dict[str, dict[int, torch.Tensor]] = {}  # packed tensors whose parts are still being read
         for file, entries in by_file.items():
             with _open_tensors(self._pickled, file) as get:
-                for key, src in entries:
-                    tensor = get(src.key)
-                    if tuple(tensor.shape) != src.shape:
-                        tensor = tensor.reshape(src.shape)
-                    out[key] = tensor if dtype is None else tensor.to(dtype)
+                for ldm_key, index, key in entries:
+                    src = self._sources[ldm_key]
+                    if len(src.parts) == 1:
+                        out[ldm_key] = _as_stored(get(key), src.shape, dtype)
+                        continue
+                    parts = pending.setdefault(ldm_key, {})
+                    parts[index] = get(key)
+                    if len(parts) == len(src.parts):
+                        packed = torch.cat([parts[i] for i in range(len(parts))])
+                        out[ldm_key] = _as_stored(packed, src.shape, dtype)
+                        del pending[ldm_key]
         return out
 
     def sha256(self) -> str:
@@ -146,7 +154,7 @@ def _single_file(
             continue
         if _VAE_ATTN_WEIGHT.match(ldm_key) and len(shape) == 2:
             shape = (*shape, 1, 1)
-        sources[ldm_key] = _Source(path, key, tuple(shape))
+        sources[ldm_key] = _Source(((path, key),), tuple(shape))
         dtypes[ldm_key] = dtype
     if not sources:
         raise CheckpointError(_no_model_keys_message(path, entries))
@@ -239,11 +247,10 @@ def _first_line(exc: BaseException) -> str:
 
 # --------------------------------------------------------------------------------------------------- diffusers folder
 
-_DIFFUSERS_COMPONENTS = {
-    "unet": diffusers_keys.unet_to_ldm,
-    "vae": diffusers_keys.vae_to_ldm,
-    "text_encoder": diffusers_keys.clip_to_ldm,
-}
+_DIFFUSERS_COMPONENTS = ("unet", "vae", "text_encoder")
+# A diffusers text encoder is a transformers CLIPTextModel either way; its activation tells what it was converted
+# from (and which math it needs): OpenAI CLIP ViT-L/14 (SD 1.x) or OpenCLIP ViT-H/14 (SD 2.x).
+_TEXT_ENCODER_BY_ACTIVATION = {"quick_gelu": diffusers_keys.clip_to_ldm, "gelu": diffusers_keys.open_clip_to_ldm}
 
 
 def _open_diffusers(path: Path) -> Checkpoint:
@@ -265,14 +272,10 @@ def _open_diffusers(path: Path) -> Checkpoint:
     dtypes: dict[str, str] = {}
     weight_files: list[Path] = []
     pickled: dict[Path, dict[str, Any]] = {}
-    for name, to_ldm in _DIFFUSERS_COMPONENTS.items():
+    for name in _DIFFUSERS_COMPONENTS:
         folder = path / name
         config = _read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
-        if name == "text_encoder" and config.get("hidden_act") == "gelu":
-            raise UnsupportedModelError(
-                f"{path}: SD 2.x diffusers folders are not supported (their text encoder drops OpenCLIP's last "
-                "layer); use the single-file .safetensors checkpoint"
-            )
+        to_ldm = _key_mapping(folder, name, config)
         entries: dict[str, tuple[Path, tuple[int, ...], str]] = {}
         for file in _component_weight_files(folder):
             weight_files.append(file)
@@ -285,10 +288,23 @@ def _open_diffusers(path: Path) -> Checkpoint:
                     entries[key] = (file, tuple(tensor.shape), _torch_dtype_name(tensor))
         _cross_check(folder, name, config, {k: shape for k, (_, shape, _) in entries.items()})
         for ldm_key, src in to_ldm({k: shape for k, (_, shape, _) in entries.items()}).items():
-            file, _, dtype = entries[src.key]
-            sources[ldm_key] = _Source(file, src.key, src.shape)
-            dtypes[ldm_key] = dtype
+            sources[ldm_key] = _Source(tuple((entries[key][0], key) for key in src.keys), src.shape)
+            dtypes[ldm_key] = entries[src.key][2]
     return Checkpoint(path, "diffusers", sources, dtypes, weight_files, pickled)
+
+
+def _key_mapping(folder: Path, name: str, config: Mapping[str, Any]):
+    if name == "unet":
+        return diffusers_keys.unet_to_ldm
+    if name == "vae":
+        return diffusers_keys.vae_to_ldm
+    activation = config.get("hidden_act", "quick_gelu")  # transformers' CLIPTextConfig default
+    if activation not in _TEXT_ENCODER_BY_ACTIVATION:
+        raise UnsupportedModelError(
+            f"{folder}/config.json: hidden_act '{activation}' is neither OpenAI CLIP's quick_gelu (SD 1.x) nor "
+            "OpenCLIP's gelu (SD 2.x); rtsd supports SD 1.x and 2.x text encoders"
+        )
+    return _TEXT_ENCODER_BY_ACTIVATION[activation]
 
 
 def _component_weight_files(folder: Path) -> list[Path]:
@@ -354,6 +370,12 @@ def _open_tensors(pickled: Mapping[Path, Mapping[str, Any]], file: Path):
         raise CheckpointError(f"{file}: cannot be read as safetensors: {_first_line(exc)}") from None
     with handle:
         yield handle.get_tensor
+
+
+def _as_stored(tensor: "torch.Tensor", shape: tuple[int, ...], dtype: "torch.dtype | None") -> "torch.Tensor":
+    if tuple(tensor.shape) != shape:
+        tensor = tensor.reshape(shape)
+    return tensor if dtype is None else tensor.to(dtype)
 
 
 def _import_torch(purpose: str):
@@ -423,12 +445,24 @@ def _yaml_parameterization(yaml_file: Path) -> str | None:
     return None if value is None else str(value)
 
 
-def summarize(checkpoint: Checkpoint) -> dict[str, Any]:
-    """What ``rtsd info`` prints: family, per-component parameter/tensor counts, dtypes, detected config."""
+def model_config(checkpoint: Checkpoint) -> ModelConfig:
+    """The architecture detected from the weights, with the prediction type the files beside them name.
+
+    Weights cannot tell epsilon from v-prediction; without an original-config YAML or a diffusers
+    ``scheduler/scheduler_config.json`` the config keeps the epsilon default.
+    """
     config = detect_config(checkpoint.shapes)
     prediction_type = read_prediction_type(checkpoint.path)
-    source = "checkpoint config" if prediction_type is not None else "default (nothing beside the checkpoint says)"
-    config = replace(config, scheduler=replace(config.scheduler, prediction_type=prediction_type or "epsilon"))
+    if prediction_type is None:
+        return config
+    return replace(config, scheduler=replace(config.scheduler, prediction_type=prediction_type))
+
+
+def summarize(checkpoint: Checkpoint) -> dict[str, Any]:
+    """What ``rtsd info`` prints: family, per-component parameter/tensor counts, dtypes, detected config."""
+    config = model_config(checkpoint)
+    said = read_prediction_type(checkpoint.path) is not None
+    source = "checkpoint config" if said else "default (nothing beside the checkpoint says)"
     components = {}
     for name, prefix in COMPONENT_PREFIXES.items():
         shapes = [shape for key, shape in checkpoint.shapes.items() if key.startswith(prefix)]

@@ -27,6 +27,9 @@ SUPPORTED = "rtsd supports SD 1.x and 2.x"
 CLIP_HEAD_WIDTH = 64
 SD1_UNET_HEADS = 8
 SD2_UNET_HEAD_WIDTH = 64
+# diffusers' OpenCLIP converter drops resblock 23 by name (ViT-H/14's last; SD 2.x conditions on the penultimate
+# layer and never runs it), so an OpenCLIP tower stored as resblocks 0..22 is that 24-layer tower minus its last.
+DIFFUSERS_DROPPED_RESBLOCK = 23
 _UNET_TOP_LEVEL = {"time_embed", "input_blocks", "middle_block", "output_blocks", "out"}
 
 
@@ -134,7 +137,11 @@ def _detect_clip(s: Mapping[str, Shape]) -> TextEncoderConfig:
 
 
 def _detect_open_clip(s: Mapping[str, Shape]) -> TextEncoderConfig:
-    """OpenCLIP text tower (SD 2.x): conditioned on the penultimate layer, padded with token 0."""
+    """OpenCLIP text tower (SD 2.x): conditioned on the penultimate layer, padded with token 0.
+
+    A tower without its last layer (diffusers folders, and single files converted back from them) detects as the
+    whole tower: the missing layer is one the penultimate-layer output never runs.
+    """
     what = "OpenCLIP text encoder"
     vocab, hidden = _need(s, "token_embedding.weight", what)
     positions, _ = _need(s, "positional_embedding", what)
@@ -145,11 +152,12 @@ def _detect_open_clip(s: Mapping[str, Shape]) -> TextEncoderConfig:
         raise UnsupportedModelError(f"{what}: attn.in_proj_weight is not ({3 * hidden}, {hidden})")
     intermediate = _need(s, "transformer.resblocks.0.mlp.c_fc.weight", what)[0]
     _need(s, "ln_final.weight", what)
+    num_layers = len(layers) + (len(layers) == DIFFUSERS_DROPPED_RESBLOCK)
     return TextEncoderConfig(
         kind="open_clip",
         vocab_size=vocab,
         hidden_size=hidden,
-        num_layers=len(layers),
+        num_layers=num_layers,
         num_heads=_heads(hidden),
         intermediate_size=intermediate,
         max_position_embeddings=positions,

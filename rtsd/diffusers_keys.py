@@ -2,8 +2,12 @@
 
 The inverse of diffusers' ``convert_ldm_unet_checkpoint`` / ``convert_ldm_vae_checkpoint`` / CLIP prefixing, so that a
 diffusers folder (``unet/``, ``vae/``, ``text_encoder/``) reads as the same LDM state dict a single-file checkpoint
-has. Nothing here loads a tensor: each LDM key gets a ``KeySource`` that names the diffusers tensor it comes from
+has. Nothing here loads a tensor: each LDM key gets a ``KeySource`` that names the diffusers tensor(s) it comes from
 and the shape it has in the LDM layout, so ``Checkpoint.shapes`` works from file headers alone.
+
+Text encoders: an SD 1.x folder holds OpenAI CLIP (``cond_stage_model.transformer.*``, the same names); an SD 2.x
+folder holds OpenCLIP ViT-H/14 converted to a transformers ``CLIPTextModel`` (``cond_stage_model.model.*``, packed
+q/k/v), without its last layer: diffusers' converter drops resblock 23, which SD 2.x never runs.
 """
 
 from __future__ import annotations
@@ -17,15 +21,26 @@ from rtsd.errors import UnsupportedModelError
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."
+OPEN_CLIP_PREFIX = "cond_stage_model.model."
 
 Shape = tuple[int, ...]
 
 
 class KeySource(NamedTuple):
-    """Where one LDM tensor comes from: a diffusers tensor, viewed as ``shape`` (differs only for VAE attention)."""
+    """Where one LDM tensor comes from: a diffusers tensor, viewed as ``shape`` (differs only for VAE attention).
+
+    ``parts``, when set, names several diffusers tensors concatenated along dim 0 (OpenCLIP's packed q/k/v); ``key``
+    is then the first of them.
+    """
 
     key: str
     shape: Shape
+    parts: tuple[str, ...] = ()
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Every diffusers tensor this LDM tensor is made of, in concatenation order."""
+        return self.parts or (self.key,)
 
 
 def _same(key: str, shape: Shape) -> KeySource:
@@ -183,13 +198,13 @@ def vae_to_ldm(shapes: Mapping[str, Shape]) -> dict[str, KeySource]:
 _CLIP_IGNORED = {"embeddings.position_ids"}  # a buffer, not a weight; real checkpoints disagree on carrying it
 
 
-def clip_to_ldm(shapes: Mapping[str, Shape]) -> dict[str, KeySource]:
-    """Map a transformers ``CLIPTextModel`` state dict to ``cond_stage_model.transformer.text_model.*``.
+def _clip_names(shapes: Mapping[str, Shape]) -> dict[str, str]:
+    """CLIPTextModel tensor name without the ``text_model.`` level -> stored key, minus the ignored buffer.
 
     Accepts both the classic ``text_model.*`` names and the flattened names transformers >= 5.6 writes.
     """
-    out: dict[str, KeySource] = {}
-    for key, shape in shapes.items():
+    names = {}
+    for key in shapes:
         name = key.removeprefix("text_model.")
         if name in _CLIP_IGNORED:
             continue
@@ -198,5 +213,68 @@ def clip_to_ldm(shapes: Mapping[str, Shape]) -> dict[str, KeySource]:
                 f"diffusers text encoder: tensor '{key}' is not part of a CLIPTextModel "
                 "(projection heads and other text encoders are not supported)"
             )
-        out[CLIP_PREFIX + name] = _same(key, shape)
+        names[name] = key
+    return names
+
+
+def clip_to_ldm(shapes: Mapping[str, Shape]) -> dict[str, KeySource]:
+    """Map a transformers ``CLIPTextModel`` state dict (OpenAI CLIP, SD 1.x) to ``cond_stage_model.transformer.*``."""
+    return {CLIP_PREFIX + name: _same(key, shapes[key]) for name, key in _clip_names(shapes).items()}
+
+
+_OPEN_CLIP_DIRECT = {
+    "embeddings.token_embedding.weight": "token_embedding.weight",
+    "embeddings.position_embedding.weight": "positional_embedding",
+    "final_layer_norm.weight": "ln_final.weight",
+    "final_layer_norm.bias": "ln_final.bias",
+}
+# CLIPEncoderLayer attribute -> OpenCLIP ResidualAttentionBlock attribute (q/k/v are packed separately)
+_OPEN_CLIP_LAYER = {
+    "self_attn.out_proj": "attn.out_proj",
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+}
+_CLIP_LAYER = re.compile(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+
+
+def open_clip_to_ldm(shapes: Mapping[str, Shape]) -> dict[str, KeySource]:
+    """Map a ``CLIPTextModel`` converted from OpenCLIP (SD 2.x folders) back to ``cond_stage_model.model.*``.
+
+    The inverse of diffusers' ``convert_open_clip_checkpoint``: q/k/v projections pack into ``attn.in_proj_*``
+    (q, k, v stacked on dim 0, as ``nn.MultiheadAttention`` stores them). Layers are mapped as stored; the one
+    diffusers dropped stays absent (detection and the reference account for it).
+    """
+    names = _clip_names(shapes)
+    out: dict[str, KeySource] = {}
+    for name, key in names.items():
+        if name in _OPEN_CLIP_DIRECT:
+            out[OPEN_CLIP_PREFIX + _OPEN_CLIP_DIRECT[name]] = _same(key, shapes[key])
+            continue
+        m = _CLIP_LAYER.match(name)
+        if m is None or (m[2] not in _OPEN_CLIP_LAYER and m[2] not in _QKV):
+            raise UnsupportedModelError(f"diffusers text encoder: tensor '{key}' has no OpenCLIP equivalent")
+        layer, module, param = m[1], m[2], m[3]
+        block = f"{OPEN_CLIP_PREFIX}transformer.resblocks.{layer}."
+        if module in _OPEN_CLIP_LAYER:
+            out[block + f"{_OPEN_CLIP_LAYER[module]}.{param}"] = _same(key, shapes[key])
+        else:  # q, k and v each lead to the same packed tensor (so a missing one is named, whichever it is)
+            out[block + f"attn.in_proj_{param}"] = _packed_qkv(names, shapes, f"encoder.layers.{layer}.", param)
     return out
+
+
+def _packed_qkv(names: Mapping[str, str], shapes: Mapping[str, Shape], layer: str, param: str) -> KeySource:
+    parts = []
+    for module in _QKV:
+        name = f"{layer}{module}.{param}"
+        if name not in names:
+            raise UnsupportedModelError(f"diffusers text encoder: '{name}' is missing; q, k and v come in threes")
+        parts.append(names[name])
+    first = shapes[parts[0]]
+    if any(tuple(shapes[p]) != tuple(first) for p in parts):
+        raise UnsupportedModelError(
+            f"diffusers text encoder: {layer}q/k/v {param} shapes differ ({[list(shapes[p]) for p in parts]})"
+        )
+    return KeySource(parts[0], (3 * first[0], *first[1:]), tuple(parts))

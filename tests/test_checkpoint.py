@@ -27,7 +27,7 @@ from diffusers.loaders import single_file_utils as sfu  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
-from rtsd.checkpoint import open_checkpoint, read_prediction_type, summarize  # noqa: E402
+from rtsd.checkpoint import detect_config, open_checkpoint, read_prediction_type, summarize  # noqa: E402
 from rtsd.errors import CheckpointError, UnsupportedModelError  # noqa: E402
 
 TINY_UNET = dict(
@@ -294,7 +294,12 @@ def test_sdxl_and_sd2_diffusers_folders_are_named(folder, tmp_path):
     sd2 = Path(shutil.copytree(folder, tmp_path / "sd2"))
     config = json.loads((sd2 / "text_encoder" / "config.json").read_text())
     (sd2 / "text_encoder" / "config.json").write_text(json.dumps(dict(config, hidden_act="gelu")))
-    with pytest.raises(UnsupportedModelError, match="SD 2.x diffusers folders"):
+    opened = open_checkpoint(sd2)  # gelu = OpenCLIP: SD 2.x, read as such (tests/test_sd2_diffusers_folder.py)
+    assert "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in opened.shapes
+    with pytest.raises(UnsupportedModelError, match="SD 2.x heads are 64 wide"):  # this tiny UNet is SD 1.x's
+        detect_config(opened.shapes)
+    (sd2 / "text_encoder" / "config.json").write_text(json.dumps(dict(config, hidden_act="relu")))
+    with pytest.raises(UnsupportedModelError, match="hidden_act 'relu' is neither"):
         open_checkpoint(sd2)
 
 

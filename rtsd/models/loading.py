@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +12,7 @@ from torch import nn
 
 from rtsd.config import ModelConfig
 from rtsd.errors import CheckpointError
-from rtsd.models.text_encoder import UNUSED_TEXT_KEYS, build_text_encoder
+from rtsd.models.text_encoder import UNUSED_TEXT_KEYS, LayerStackEncoder, build_text_encoder
 from rtsd.models.unet import UNetModel
 from rtsd.models.vae import AutoencoderKL
 
@@ -49,7 +49,7 @@ class ReferenceModels:
     config: ModelConfig
     unet: UNetModel
     vae: AutoencoderKL
-    text_encoder: nn.Module
+    text_encoder: LayerStackEncoder
 
     @functools.cached_property
     def tokenizer(self):
@@ -121,11 +121,23 @@ def check_state_shapes(
         )
 
 
+def fit_text_layers(models: ReferenceModels, keys: Iterable[str]) -> None:
+    """Drop the text encoder's trailing layers that the checkpoint lacks and the reference never runs.
+
+    diffusers' SD 2.x folders store OpenCLIP without its last layer; conditioning on the penultimate one does not
+    need it. Every other tensor stays required.
+    """
+    prefix = COMPONENT_PREFIXES["text_encoder"]
+    models.text_encoder.fit_stored_layers(key[len(prefix) :] for key in keys if key.startswith(prefix))
+
+
 def load_state(models: ReferenceModels, tensors: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Load LDM-keyed tensors into the networks, strictly: every key present, none extra, every shape equal.
+    """Load LDM-keyed tensors into the networks, strictly: every key present, none extra, every shape equal
+    (except text encoder layers after the output layer, which may be absent: ``fit_text_layers``).
 
     Modules built on the ``meta`` device take the tensors as they are (``assign``), so nothing is allocated twice.
     """
+    fit_text_layers(models, tensors)
     check_state_shapes(models, {key: tuple(t.shape) for key, t in tensors.items()}, source)
     for name, module in models.components().items():
         prefix = COMPONENT_PREFIXES[name]
@@ -143,13 +155,16 @@ def load_state(models: ReferenceModels, tensors: Mapping[str, torch.Tensor], sou
 def load_checkpoint(
     path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
 ) -> ReferenceModels:
-    """Read a checkpoint (single file or diffusers folder), detect its architecture, and load the references."""
-    from rtsd.checkpoint import detect_config, open_checkpoint
+    """Read a checkpoint (single file or diffusers folder), detect its architecture, and load the references.
+
+    The config's prediction type is what the files beside the weights say (``rtsd.checkpoint.model_config``).
+    """
+    from rtsd.checkpoint import model_config, open_checkpoint
 
     checkpoint = open_checkpoint(path)
-    config = detect_config(checkpoint.shapes)
-    models = build_models(config, dtype=dtype, device="meta")
+    models = build_models(model_config(checkpoint), dtype=dtype, device="meta")
     source = f"checkpoint {path}"
+    fit_text_layers(models, checkpoint.shapes)
     check_state_shapes(models, checkpoint.shapes, source)  # before reading a single tensor
     load_state(models, checkpoint.tensors(dtype=dtype), source)
     return models.to(device=device)

@@ -3,16 +3,21 @@ layout) and OpenCLIP as stored by SD 2.x (``cond_stage_model.model.*``).
 
 Both return the hidden states the UNet is conditioned on, (N, 77, C): the layer picked by
 ``TextEncoderConfig.output_layer`` (-1 last, -2 penultimate, ...) with the final LayerNorm applied. Layers after
-the chosen one are kept (their weights are in the checkpoint) but never run.
+the chosen one are kept when the checkpoint has them (another output layer can be chosen later) but never run;
+when it lacks them (diffusers' SD 2.x folders drop OpenCLIP's last layer) they are removed at load.
 """
 
 from __future__ import annotations
+
+import re
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from rtsd.config import TextEncoderConfig
+from rtsd.errors import CheckpointError
 
 # Keys real checkpoints carry that no network computation reads: CLIP's position_ids buffer (we use arange; some
 # community checkpoints store it as corrupt floats), OpenCLIP's contrastive-loss temperature and pooled projection.
@@ -49,6 +54,44 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: i
     q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     return out.transpose(1, 2).flatten(2)
+
+
+class LayerStackEncoder(nn.Module):
+    """What both text encoders share: a stack of layers of which the first ``num_layers_run`` run."""
+
+    layers_key = ""  # state-dict prefix of the layer stack, set by each subclass
+
+    def __init__(self, config: TextEncoderConfig):
+        super().__init__()
+        self.config = config
+        self.num_layers_run = _layers_to_run(config)
+
+    def layer_stack(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def fit_stored_layers(self, keys: Iterable[str]) -> None:
+        """Remove the trailing layers that ``keys`` (state-dict keys) lack, if this encoder never runs them.
+
+        Removed rather than left unloaded, so that a deeper output layer chosen afterwards fails to load instead of
+        running weights that were never read. Layers it does run must be there: CheckpointError otherwise.
+        """
+        pattern = re.compile(re.escape(self.layers_key) + r"(\d+)\.")
+        stored = 1 + max((int(m[1]) for key in keys if (m := pattern.match(key))), default=-1)
+        built = len(self.layer_stack())
+        if stored == 0 or stored >= built:
+            return  # nothing of the stack at all, or all of it: the strict load says what is wrong, if anything
+        if stored < self.num_layers_run:
+            raise CheckpointError(
+                f"the text encoder weights have {stored} of {built} layers, but output layer "
+                f"{self.config.output_layer} runs {self.num_layers_run}; condition on layer {stored - built - 1} or "
+                f"earlier (clip skip {built - stored + 1} or more), or use a single-file checkpoint that has them all"
+            )
+        del self.layer_stack()[stored:]
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``, after ``fit_stored_layers``: strict about every layer that runs."""
+        self.fit_stored_layers(state_dict.keys())
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 
 # ------------------------------------------------------------------------------------------- OpenAI CLIP (SD 1.x)
@@ -124,14 +167,17 @@ class CLIPTextHolder(nn.Module):
         self.text_model = CLIPTextTransformer(config)
 
 
-class CLIPTextEncoder(nn.Module):
+class CLIPTextEncoder(LayerStackEncoder):
     """SD 1.x text encoder: ``text_encoder(input_ids)`` -> (N, 77, hidden_size)."""
 
+    layers_key = "transformer.text_model.encoder.layers."
+
     def __init__(self, config: TextEncoderConfig):
-        super().__init__()
-        self.config = config
-        self.num_layers_run = _layers_to_run(config)
+        super().__init__(config)
         self.transformer = CLIPTextHolder(config)
+
+    def layer_stack(self) -> nn.ModuleList:
+        return self.transformer.text_model.encoder.layers
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         model = self.transformer.text_model
@@ -206,14 +252,17 @@ class OpenCLIPTextModel(nn.Module):
         self.ln_final = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
 
-class OpenCLIPTextEncoder(nn.Module):
+class OpenCLIPTextEncoder(LayerStackEncoder):
     """SD 2.x text encoder: ``text_encoder(input_ids)`` -> (N, 77, hidden_size), penultimate layer + ln_final."""
 
+    layers_key = "model.transformer.resblocks."
+
     def __init__(self, config: TextEncoderConfig):
-        super().__init__()
-        self.config = config
-        self.num_layers_run = _layers_to_run(config)
+        super().__init__(config)
         self.model = OpenCLIPTextModel(config)
+
+    def layer_stack(self) -> nn.ModuleList:
+        return self.model.transformer.resblocks
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.model.token_embedding(input_ids) + self.model.positional_embedding[: input_ids.shape[1]]
@@ -222,7 +271,7 @@ class OpenCLIPTextEncoder(nn.Module):
         return self.model.ln_final(x)
 
 
-def build_text_encoder(config: TextEncoderConfig) -> nn.Module:
+def build_text_encoder(config: TextEncoderConfig) -> LayerStackEncoder:
     if config.kind == "clip":
         return CLIPTextEncoder(config)
     if config.kind == "open_clip":
