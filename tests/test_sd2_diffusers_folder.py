@@ -220,9 +220,12 @@ def test_export_from_the_folder(folder, folder_clip, tmp_path):
     """
     import onnxruntime
 
+    log = []
     out = export(folder, tmp_path / "engines", shape_range=ShapeRange(min_size=64, max_size=64, opt_size=64,
                                                                       max_batch=1),
-                 components=("text_encoder",), progress=None)
+                 components=("text_encoder",), progress=log.append)
+    assert any("prediction type v_prediction (from the folder's scheduler/scheduler_config.json)" in line
+               for line in log), log
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"]["scheduler"]["prediction_type"] == "v_prediction"
     assert manifest["model"]["family"] == "sd2" and manifest["model"]["text_encoder"]["output_layer"] == -2

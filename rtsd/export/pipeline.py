@@ -55,7 +55,8 @@ def export(checkpoint: str | Path, output: str | Path, *, shape_range: ShapeRang
     with stage("reading checkpoint"):
         source = open_checkpoint(checkpoint)
         models = load_checkpoint(checkpoint, dtype=torch.float32, device="cpu")
-        chosen, origin = _prediction_type(prediction_type, read_prediction_type(checkpoint))
+        chosen, origin = _prediction_type(prediction_type, read_prediction_type(checkpoint),
+                                         Path(checkpoint).is_dir())
         config = dataclasses.replace(models.config,
                                      scheduler=dataclasses.replace(models.config.scheduler, prediction_type=chosen))
         if clip_skip is not None:
@@ -155,12 +156,13 @@ def _with_clip_skip(models, config, clip_skip: int):
     return dataclasses.replace(config, text_encoder=text_config)
 
 
-def _prediction_type(requested: str | None, from_yaml: str | None) -> tuple[str, str]:
-    """Weights cannot tell epsilon from v-prediction: flag, then the checkpoint's YAML, then the default."""
+def _prediction_type(requested: str | None, from_files: str | None, folder: bool) -> tuple[str, str]:
+    """Weights cannot tell epsilon from v-prediction: flag, then the config beside the weights, then the default."""
     if requested:
         return requested, "from --prediction-type"
-    if from_yaml:
-        return from_yaml, "from the original-config YAML beside the checkpoint"
+    if from_files:
+        return from_files, ("from the folder's scheduler/scheduler_config.json" if folder
+                            else "from the original-config YAML beside the checkpoint")
     return "epsilon", "default: weights cannot tell; pass --prediction-type v_prediction for 768-v models"
 
 
