@@ -32,6 +32,7 @@ from rtsd.engine.base import Backend
 from rtsd.errors import NonFiniteOutputError, RtsdError
 from rtsd.export.manifest import Manifest
 from rtsd.export.specs import COMPONENTS, ShapeRange
+from rtsd.images import inpainting_mask, init_image_pixels, latent_mask, to_pil
 from rtsd.tokenizer import Tokenizer
 
 StepCallback = Callable[[int, int, float, Any], None]  # (step index, total steps, timestep, latents) after each step
@@ -106,8 +107,8 @@ class Runtime:
         latent_shape = (n, self.config.latent_channels, height // 8, width // 8)
         initial = _check_latents(latents, latent_shape) if latents is not None else None
         # Inpainting encodes its one image once (1 row) and repeats the latents on the device for every image.
-        init_pixels = _image_array(image, height, width, 1 if inpaint else n) if image is not None else None
-        mask = _mask_array(mask_image, height, width) if inpaint else None
+        init_pixels = init_image_pixels(image, height, width, 1 if inpaint else n) if image is not None else None
+        mask = inpainting_mask(mask_image, height, width) if inpaint else None
         start_index = _img2img_start(sampler, steps, strength) if image is not None else 0
         seed = secrets.randbelow(2**32) if seed is None else int(seed)
         rng = np.random.default_rng(seed)
@@ -139,7 +140,7 @@ class Runtime:
         if inpaint:
             # diffusers zeroes the repainted area of the [-1, 1] image: mid-grey 0.5 in the encoder's [0, 1] input.
             masked_pixels = init_pixels * (1.0 - mask) + np.float32(0.5) * mask
-            extra = xp.concatenate([xp.asarray(_latent_mask(mask)), self._encode(masked_pixels)], axis=1)
+            extra = xp.concatenate([xp.asarray(latent_mask(mask)), self._encode(masked_pixels)], axis=1)
             extra_channels = xp.concatenate([extra] * (2 * n if use_cfg else n))
         if init_pixels is not None:
             self._sync()
@@ -181,7 +182,7 @@ class Runtime:
         if not np.isfinite(pixels).all():
             raise NonFiniteOutputError("the VAE decoder produced non-finite values (fp16 overflow?); re-export with an "
                                        "fp32 VAE (`rtsd export --fp32-vae`) instead of writing a black image")
-        images = _to_pil(pixels)
+        images = to_pil(pixels)
         timings["total"] = time.perf_counter() - start
         parameters = {"prompt": prompts[0] if n == 1 else prompts, "negative_prompt": negatives[0] if n == 1 else negatives,
                       "steps": steps, "guidance_scale": guidance_scale, "height": height, "width": width,
@@ -254,90 +255,6 @@ def _check_mode(inpainting_unet: bool, image, mask_image) -> bool:
     return inpainting_unet
 
 
-def _image_array(image, height: int, width: int, n: int) -> np.ndarray:
-    """An RGB init image of exactly (width, height) -> float32 (n, 3, H, W) in [0, 1]."""
-    from PIL import Image
-
-    image = _open(image, "init image")
-    if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"an init image array must be (height, width, 3) RGB, got shape {image.shape}")
-        pixels = _unit_range(image, "init image")
-    elif isinstance(image, Image.Image):
-        if image.mode != "RGB":
-            raise ValueError(f"init image must be RGB, got mode {image.mode!r}; convert it with image.convert('RGB')")
-        pixels = np.asarray(image, dtype=np.float32) / 255.0
-    else:
-        raise TypeError(f"image must be a PIL image, a path or a NumPy array, got {type(image).__name__}")
-    _check_size(pixels.shape, height, width, "init image")
-    pixels = pixels.transpose(2, 0, 1)
-    return np.ascontiguousarray(np.broadcast_to(pixels, (n, *pixels.shape)))
-
-
-def _mask_array(mask, height: int, width: int) -> np.ndarray:
-    """An inpainting mask of exactly (width, height) -> float32 (1, 1, H, W) of 0 (keep) and 1 (repaint).
-
-    As diffusers: greyscale in [0, 1], binarised at 0.5 (RGB is converted to luminance first).
-    """
-    from PIL import Image
-
-    mask = _open(mask, "mask image")
-    if isinstance(mask, np.ndarray):
-        if mask.ndim == 3 and mask.shape[2] == 1:
-            mask = mask[:, :, 0]
-        if mask.ndim != 2:
-            raise ValueError(f"a mask array must be (height, width) greyscale, got shape {mask.shape}")
-        values = _unit_range(mask, "mask image")
-    elif isinstance(mask, Image.Image):
-        if mask.mode not in ("L", "1", "RGB"):
-            raise ValueError(f"mask image must be greyscale (mode 'L' or '1') or RGB, got mode {mask.mode!r}; "
-                             f"convert it with mask.convert('L') (white = repaint, black = keep)")
-        values = np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
-    else:
-        raise TypeError(f"mask_image must be a PIL image, a path or a NumPy array, got {type(mask).__name__}")
-    _check_size(values.shape, height, width, "mask image")
-    return (values >= 0.5).astype(np.float32)[None, None]
-
-
-def _latent_mask(mask: np.ndarray) -> np.ndarray:
-    """The pixel mask at latent size: nearest neighbour, i.e. every 8th pixel (torch's interpolate, diffusers)."""
-    return np.ascontiguousarray(mask[:, :, ::8, ::8])
-
-
-def _open(image, what: str):
-    from PIL import Image
-
-    if not isinstance(image, (str, Path)):
-        return image
-    try:
-        opened = Image.open(image)
-        opened.load()
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read {what}: {exc}") from None
-    return opened
-
-
-def _unit_range(array: np.ndarray, what: str) -> np.ndarray:
-    """uint8 (0..255), bool, or float in [0, 1] -> float32 in [0, 1]."""
-    if array.dtype == np.uint8:
-        return array.astype(np.float32) / 255.0
-    if array.dtype == np.bool_:
-        return array.astype(np.float32)
-    if not np.issubdtype(array.dtype, np.floating):
-        raise TypeError(f"{what} array must be uint8 (0..255), bool, or float (0..1), got dtype {array.dtype}")
-    array = array.astype(np.float32)
-    if not np.isfinite(array).all() or array.min(initial=0.0) < 0.0 or array.max(initial=0.0) > 1.0:
-        raise ValueError(f"{what} float array must hold values in [0, 1]; scale uint8 data by 1/255 or pass uint8")
-    return array
-
-
-def _check_size(shape: tuple[int, ...], height: int, width: int, what: str) -> None:
-    got_h, got_w = shape[:2]
-    if (got_h, got_w) != (height, width):
-        raise ValueError(f"{what} is {got_w}x{got_h} but the requested size is {width}x{height}; "
-                         f"pass width={got_w}, height={got_h} or resize it to {width}x{height}")
-
-
 def _img2img_start(sampler, steps: int, strength: float) -> int:
     """First scheduler index for img2img, as diffusers' img2img pipeline: skip (1 - strength) of the steps."""
     if not 0.0 < strength <= 1.0:
@@ -346,10 +263,3 @@ def _img2img_start(sampler, steps: int, strength: float) -> int:
     if init_steps < 1:
         raise ValueError(f"strength {strength} with {steps} steps leaves no denoising step; raise strength or steps")
     return (steps - init_steps) * sampler.order
-
-
-def _to_pil(pixels: np.ndarray) -> list:
-    from PIL import Image
-
-    array = (pixels.transpose(0, 2, 3, 1) * 255).round().clip(0, 255).astype(np.uint8)
-    return [Image.fromarray(a) for a in array]
