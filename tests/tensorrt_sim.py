@@ -228,6 +228,7 @@ class SimContext:
 
     def set_tensor_address(self, name, address):
         self.addresses[name] = address
+        return True
 
     def execute_async_v3(self, stream_ptr):
         assert self.memory is not None, "a context ran without activation memory"

@@ -210,6 +210,140 @@ def test_softmax_whose_logits_do_not_come_from_a_matmul_pins_only_itself():
     assert fp32_layer_names(layers, "vae_decoder") == ["softmax"]
 
 
+# ---------------------------------------------------------------- the builder's calls, against a fake of the bindings
+
+class _FakeBuilderTRT:
+    """The TensorRT 10 builder surface _Builder calls, with the signatures and return values of its Python bindings
+    (pyCore.cpp / pyGraph.cpp / pyOnnx.cpp): None from build_serialized_network on failure, -1 from
+    add_optimization_profile for a rejected profile, a bool from set_timing_cache."""
+
+    float32, float16 = "FLOAT", "HALF"
+    BuilderFlag = types.SimpleNamespace(FP16="FP16", OBEY_PRECISION_CONSTRAINTS="OBEY_PRECISION_CONSTRAINTS")
+    Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, min_severity: None})
+
+    def __init__(self, layers, inputs, *, profile_index=0, plan=b"plan", readable_cache=True):
+        fake = self
+        self.configs, self.profiles = [], []
+
+        class Tensor:
+            def __init__(self, name, dtype="FLOAT"):
+                self.name, self.dtype = name, dtype
+
+        class Layer:
+            def __init__(self, name, type_, ins, outs):
+                self.name, self.type = name, types.SimpleNamespace(name=type_)
+                self._in, self._out = [Tensor(n) for n in ins], [Tensor(n) for n in outs]
+                self.num_inputs, self.num_outputs, self.precision, self.output_types = len(ins), len(outs), None, {}
+
+            def get_input(self, index):
+                return self._in[index]
+
+            def get_output(self, index):
+                return self._out[index]
+
+            def set_output_type(self, index, dtype):
+                self.output_types[index] = dtype
+
+        self.layers = [Layer(*layer) for layer in layers]
+        network = types.SimpleNamespace(num_inputs=len(inputs), get_input=lambda i: Tensor(inputs[i]),
+                                        num_layers=len(self.layers), get_layer=lambda i: fake.layers[i])
+
+        class Config:
+            def __init__(self):
+                self.flags, self.builder_optimization_level, self.cache = set(), None, None
+                fake.configs.append(self)
+
+            def set_flag(self, flag):
+                self.flags.add(flag)
+
+            def add_optimization_profile(self, profile):
+                return profile_index
+
+            def create_timing_cache(self, serialized_timing_cache):
+                blob = bytes(serialized_timing_cache)
+                return types.SimpleNamespace(serialize=lambda: blob + b"+timed") if readable_cache or not blob \
+                    else None
+
+            def set_timing_cache(self, cache, ignore_mismatch):
+                self.cache = cache
+                return True
+
+            def get_timing_cache(self):
+                return self.cache
+
+        class Profile(dict):
+            def set_shape(self, input, min, opt, max):
+                self[input] = (min, opt, max)
+
+        class Builder:
+            def __init__(self, logger):
+                pass
+
+            def create_network(self, flags=0):
+                return network
+
+            def create_builder_config(self):
+                return Config()
+
+            def create_optimization_profile(self):
+                fake.profiles.append(Profile())
+                return fake.profiles[-1]
+
+            def build_serialized_network(self, network, config):
+                return plan
+
+        class OnnxParser:
+            num_errors = 0
+
+            def __init__(self, network, logger):
+                pass
+
+            def parse_from_file(self, model):
+                return True
+
+        self.Builder, self.OnnxParser = Builder, OnnxParser
+
+
+_DECODER_LAYERS = [("norm", "NORMALIZATION", ["latent"], ["n"]), ("qk", "MATRIX_MULTIPLY", ["n", "n"], ["qk"]),
+                   ("sq", "SQUEEZE", ["qk"], ["sq"]), ("softmax", "SOFTMAX", ["sq"], ["p"]),
+                   ("conv", "CONVOLUTION", ["p"], ["images"])]
+
+
+@pytest.mark.parametrize("cache_blob", [None, b"readable", b"unreadable"])
+def test_builder_pins_fp32_layers_sets_the_profile_and_keeps_the_timing_cache(tmp_path, cache_blob):
+    from rtsd.export.tensorrt import _Builder
+
+    if cache_blob is not None:
+        (tmp_path / "timing.cache").write_bytes(cache_blob)
+    trt = _FakeBuilderTRT(_DECODER_LAYERS, ["latent"], readable_cache=cache_blob != b"unreadable")
+    profile = engine_profile(SPECS["vae_decoder"], ShapeRange())
+    record = _Builder(trt, tmp_path, 4, "timing.cache").build(tmp_path / "vae_decoder.onnx", SPECS["vae_decoder"],
+                                                              tmp_path / "vae_decoder.plan", "vae_decoder", "fp16",
+                                                              profile)
+    config = trt.configs[0]
+    assert config.flags == {"FP16", "OBEY_PRECISION_CONSTRAINTS"} and config.builder_optimization_level == 4
+    assert record["fp32_layers"] == ["norm", "softmax", "sq", "qk"]
+    pinned = {layer.name: (layer.precision, layer.output_types) for layer in trt.layers}
+    assert pinned["qk"] == ("FLOAT", {0: "FLOAT"}) and pinned["conv"] == (None, {})
+    assert trt.profiles[0] == {"latent": tuple(tuple(profile["latent"][c]) for c in ("min", "opt", "max"))}
+    assert (tmp_path / "vae_decoder.plan").read_bytes() == b"plan"
+    kept = cache_blob if cache_blob == b"readable" else b""
+    assert (tmp_path / "timing.cache").read_bytes() == kept + b"+timed"
+
+
+@pytest.mark.parametrize("failure, needle", [({"profile_index": -1}, "rejected the optimization profile"),
+                                             ({"plan": None}, "failed to build vae_decoder.plan")])
+def test_builder_failures_are_engine_build_errors(tmp_path, failure, needle):
+    from rtsd.export.tensorrt import EngineBuildError, _Builder
+
+    trt = _FakeBuilderTRT(_DECODER_LAYERS, ["latent"], **failure)
+    with pytest.raises(EngineBuildError, match=needle):
+        _Builder(trt, tmp_path, 3, None).build(tmp_path / "vae_decoder.onnx", SPECS["vae_decoder"],
+                                               tmp_path / "vae_decoder.plan", "vae_decoder", "fp16",
+                                               engine_profile(SPECS["vae_decoder"], ShapeRange()))
+    assert not (tmp_path / "vae_decoder.plan").exists()
+
+
 # ---------------------------------------------------------------- the exported ONNX graphs vs TensorRT 10's parser
 
 def test_support_lists_are_consistent():

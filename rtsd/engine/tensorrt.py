@@ -306,7 +306,8 @@ class TensorRTEngine:
             self._graph_stamp = stamp
         if slot.stamp != stamp:
             for name, view in views.items():
-                slot.context.set_tensor_address(name, data_pointer(view))
+                if not slot.context.set_tensor_address(name, data_pointer(view)):  # False: name or alignment refused
+                    raise RuntimeError(f"{self.name}: TensorRT rejected the address of {name} (its log above says why)")
             slot.stamp = stamp
 
     def _copy_in(self, destination, source, stream) -> None:

@@ -40,8 +40,9 @@ from rtsd.export.specs import COMPONENTS, IOSpec, ShapeRange
 
 FP32_LAYER_TYPES = ("NORMALIZATION", "REDUCE")
 ATTENTION_FP32_COMPONENTS = ("vae_decoder",)
-# Layers that may sit between the Q.K^T MatMul and the Softmax (scaling, reshapes, casts).
-_SCORE_PATH_TYPES = ("ELEMENTWISE", "SCALE", "SHUFFLE", "CAST", "UNARY")
+# Layers that may sit between the Q.K^T MatMul and the Softmax (scaling, reshapes, casts). TensorRT 10 also has
+# dedicated SQUEEZE/UNSQUEEZE layer types next to SHUFFLE.
+_SCORE_PATH_TYPES = ("ELEMENTWISE", "SCALE", "SHUFFLE", "SQUEEZE", "UNSQUEEZE", "CAST", "UNARY")
 
 
 class EngineBuildError(RtsdError, RuntimeError):
@@ -221,11 +222,15 @@ class _Builder:
         optimization_profile = self.builder.create_optimization_profile()
         for name, corners in profile.items():
             optimization_profile.set_shape(name, tuple(corners["min"]), tuple(corners["opt"]), tuple(corners["max"]))
-        config.add_optimization_profile(optimization_profile)
+        if config.add_optimization_profile(optimization_profile) < 0:  # -1: TensorRT rejected the profile
+            raise EngineBuildError(f"TensorRT rejected the optimization profile {dict(profile)} for "
+                                   f"{onnx_path.name} (see its log above); re-export the engine directory")
         cache = None
         if self.cache_path is not None:
-            cache = config.create_timing_cache(self.cache_bytes)
-            if not config.set_timing_cache(cache, ignore_mismatch=False):  # another GPU/TensorRT: start afresh
+            # A blob TensorRT cannot read (another TensorRT version, a truncated file) may come back as None; a cache
+            # from another GPU is refused by set_timing_cache (False with ignore_mismatch=False): start afresh.
+            cache = config.create_timing_cache(self.cache_bytes) if self.cache_bytes else None
+            if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
                 cache = config.create_timing_cache(b"")
                 config.set_timing_cache(cache, ignore_mismatch=False)
 
