@@ -122,6 +122,7 @@ class SimStream(FakeStream):
 
     def __init__(self, non_blocking=False):
         super().__init__()
+        self.syncs = 0
         self.ptr = 1000 + len(SimStream.streams)
         SimStream.streams[self.ptr] = self
 
@@ -138,7 +139,7 @@ class SimStream(FakeStream):
         pass
 
     def synchronize(self):
-        pass
+        self.syncs += 1
 
 
 class DevArray(np.ndarray):

@@ -735,6 +735,20 @@ def test_sim_unet_steps_reuse_buffers_and_replay_one_graph_per_shape(sim):
     assert len(engine.contexts) == 3 and unet.allocations == 6 and len(unet.graphs) == 2
 
 
+def test_sim_evicting_a_shape_waits_for_queued_work_first(sim):
+    """Past MAX_GRAPH_SHAPES the oldest shape's context and graph go; the stream is synchronized before that."""
+    backend = trt_backend.TensorRTBackend()
+    unet = backend.load(sim.dir, sim.manifest, ("unet",))["unet"]
+    sizes = [(h, w) for h in (64, 72, 80) for w in (64, 72, 80)][: trt_backend.MAX_GRAPH_SHAPES + 1]
+    for h, w in sizes[:-1]:
+        unet.infer({**_unet_feeds(1, 64), "sample": np.zeros((1, 4, h // 8, w // 8), np.float32)})
+    syncs = backend.stream.syncs
+    h, w = sizes[-1]
+    feeds = {**_unet_feeds(1, 64), "sample": np.ones((1, 4, h // 8, w // 8), np.float32)}
+    np.testing.assert_array_equal(unet.infer(feeds)["model_output"], 2 + feeds["timestep"][0])
+    assert backend.stream.syncs == syncs + 1 and len(unet._slots) == trt_backend.MAX_GRAPH_SHAPES
+
+
 def test_sim_request_outside_the_profile_fails_before_running(sim):
     unet = trt_backend.TensorRTBackend().load(sim.dir, sim.manifest, ("unet",))["unet"]
     with pytest.raises(ValueError, match=r"unet: 2 rows at 192x192 px is outside .* --max-size 192"):

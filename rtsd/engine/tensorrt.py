@@ -245,6 +245,7 @@ class TensorRTEngine:
         self._backend.stream.synchronize()
 
     def close(self) -> None:
+        self._backend.stream.synchronize()  # nothing queued may still use the contexts or buffers released here
         for slot in self._slots.values():
             self._backend.activation.detach(slot.context)
         self._slots.clear()
@@ -286,6 +287,7 @@ class TensorRTEngine:
         slot = self._slots.get(slot_key)
         if slot is None:
             if len(self._slots) >= MAX_GRAPH_SHAPES:
+                self._backend.stream.synchronize()  # the evicted context may still have work queued
                 old_key, old = self._slots.popitem(last=False)
                 self._backend.activation.detach(old.context)
                 self._graphs.drop(old_key)
