@@ -56,6 +56,14 @@ PRESETS: dict[str, ModelConfig] = {
         vae=VAEConfig(ch=32),
         text_encoder=TextEncoderConfig(**{**_TINY_TEXT, "num_layers": 24}, **_OPEN_CLIP),
     ),
+    # "tiny-sd2" with an inpainting UNet (stable-diffusion-2-inpainting's layout: 9 input channels, epsilon
+    # prediction, which is the preset's default like detection's).
+    "tiny-sd2-inpaint": ModelConfig(
+        family="sd2",
+        unet=UNetConfig(in_channels=9, model_channels=64, context_dim=128, **_SD2_UNET),
+        vae=VAEConfig(ch=32),
+        text_encoder=TextEncoderConfig(**{**_TINY_TEXT, "num_layers": 24}, **_OPEN_CLIP),
+    ),
     # Exactly SD 2.1 (v2-inference.yaml + OpenCLIP ViT-H/14 text tower). The weights do not say epsilon vs v
     # prediction (2.1-base vs 2.1-768-v); like detection, the preset keeps the epsilon default.
     "sd21": ModelConfig(
