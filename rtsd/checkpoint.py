@@ -451,8 +451,10 @@ def model_config(checkpoint: Checkpoint) -> ModelConfig:
     Weights cannot tell epsilon from v-prediction; without an original-config YAML or a diffusers
     ``scheduler/scheduler_config.json`` the config keeps the epsilon default.
     """
-    config = detect_config(checkpoint.shapes)
-    prediction_type = read_prediction_type(checkpoint.path)
+    return _with_prediction_type(detect_config(checkpoint.shapes), read_prediction_type(checkpoint.path))
+
+
+def _with_prediction_type(config: ModelConfig, prediction_type: str | None) -> ModelConfig:
     if prediction_type is None:
         return config
     return replace(config, scheduler=replace(config.scheduler, prediction_type=prediction_type))
@@ -460,9 +462,9 @@ def model_config(checkpoint: Checkpoint) -> ModelConfig:
 
 def summarize(checkpoint: Checkpoint) -> dict[str, Any]:
     """What ``rtsd info`` prints: family, per-component parameter/tensor counts, dtypes, detected config."""
-    config = model_config(checkpoint)
-    said = read_prediction_type(checkpoint.path) is not None
-    source = "checkpoint config" if said else "default (nothing beside the checkpoint says)"
+    said = read_prediction_type(checkpoint.path)
+    config = _with_prediction_type(detect_config(checkpoint.shapes), said)
+    source = "checkpoint config" if said is not None else "default (nothing beside the checkpoint says)"
     components = {}
     for name, prefix in COMPONENT_PREFIXES.items():
         shapes = [shape for key, shape in checkpoint.shapes.items() if key.startswith(prefix)]
