@@ -11,6 +11,7 @@ through every network (see tests/test_synthetic.py for the measured output std).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -40,27 +41,12 @@ PRESETS: dict[str, ModelConfig] = {
         vae=VAEConfig(ch=32),
         text_encoder=TextEncoderConfig(**_TINY_TEXT),
     ),
-    # "tiny" with an inpainting UNet (sd-v1-5-inpainting's layout): 9 input channels = latents + mask + masked image.
-    "tiny-inpaint": ModelConfig(
-        family="sd1",
-        unet=UNetConfig(in_channels=9, model_channels=32, context_dim=128),
-        vae=VAEConfig(ch=32),
-        text_encoder=TextEncoderConfig(**_TINY_TEXT),
-    ),
     # Exactly SD 1.5 (v1-inference.yaml + CLIP ViT-L/14 text model).
     "sd15": ModelConfig(family="sd1"),
     # SD 2.1's layout with few channels; 64 model channels is the least that 64-wide heads allow.
     "tiny-sd2": ModelConfig(
         family="sd2",
         unet=UNetConfig(model_channels=64, context_dim=128, **_SD2_UNET),
-        vae=VAEConfig(ch=32),
-        text_encoder=TextEncoderConfig(**{**_TINY_TEXT, "num_layers": 24}, **_OPEN_CLIP),
-    ),
-    # "tiny-sd2" with an inpainting UNet (stable-diffusion-2-inpainting's layout: 9 input channels, epsilon
-    # prediction, which is the preset's default like detection's).
-    "tiny-sd2-inpaint": ModelConfig(
-        family="sd2",
-        unet=UNetConfig(in_channels=9, model_channels=64, context_dim=128, **_SD2_UNET),
         vae=VAEConfig(ch=32),
         text_encoder=TextEncoderConfig(**{**_TINY_TEXT, "num_layers": 24}, **_OPEN_CLIP),
     ),
@@ -74,6 +60,16 @@ PRESETS: dict[str, ModelConfig] = {
         ),
     ),
 }
+
+
+def _inpainting(config: ModelConfig) -> ModelConfig:
+    """The same model with an inpainting UNet: 9 input channels = latents + mask + masked-image latents."""
+    return dataclasses.replace(config, unet=dataclasses.replace(config.unet, in_channels=9))
+
+
+# sd-v1-5-inpainting's and stable-diffusion-2-inpainting's layouts at tiny size (epsilon prediction, the default).
+PRESETS["tiny-inpaint"] = _inpainting(PRESETS["tiny"])
+PRESETS["tiny-sd2-inpaint"] = _inpainting(PRESETS["tiny-sd2"])
 
 _SAFETENSORS_DTYPES = {
     torch.float32: "F32",
