@@ -167,7 +167,7 @@ def cuda_torch():
 
 
 @pytest.mark.parametrize("preset", ["tiny", "sd15"])
-def test_fp16_reference_on_cuda_meets_the_fp16_thresholds(cuda_torch, preset, tmp_path_factory):
+def test_fp16_reference_on_cuda_meets_the_fp16_thresholds(cuda_torch, preset, tmp_path_factory, monkeypatch):
     """DESIGN.md's fp16 thresholds hold for an fp16 implementation of these very models: the reference in fp16 on
     CUDA vs the reference in fp32 (TF32 off), per sub-model (cosine) and end to end (image PSNR, same latents)."""
     import os
@@ -179,7 +179,8 @@ def test_fp16_reference_on_cuda_meets_the_fp16_thresholds(cuda_torch, preset, tm
     from rtsd.runtime import Runtime
 
     torch = cuda_torch
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # a true fp32 reference; restored afterwards
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     given = os.environ.get("RTSD_SD15_CHECKPOINT") if preset == "sd15" else None
     checkpoint = given or write_checkpoint(tmp_path_factory.mktemp(preset) / "model.safetensors", preset)
     full = load_checkpoint(checkpoint, dtype=torch.float32, device="cuda")
