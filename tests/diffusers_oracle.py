@@ -209,3 +209,13 @@ def diffusers_inpaint_pipeline(path, config: ModelConfig, tokenizer_dir, schedul
     pipe = StableDiffusionInpaintPipeline(**base.components, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def give_pipeline_our_noise(monkeypatch, pipeline_module, noise) -> None:
+    """Make an image-conditioned diffusers pipeline (img2img, inpaint) start from rtsd's inputs: its ``randn_tensor``
+    returns ``noise`` (for strength < 1 diffusers must draw it itself: ``latents=`` would skip noising the image),
+    and the VAE posterior is read at its mean, as rtsd encodes, instead of sampled."""
+    monkeypatch.setattr(pipeline_module, "randn_tensor", lambda shape, **kw: torch.from_numpy(noise).reshape(shape))
+    original = pipeline_module.retrieve_latents
+    monkeypatch.setattr(pipeline_module, "retrieve_latents", lambda out, generator=None, sample_mode="sample":
+                        original(out, generator, sample_mode="argmax"))

@@ -26,7 +26,7 @@ from rtsd.export.specs import COMPONENTS, ShapeRange
 from rtsd.models import load_checkpoint
 from rtsd.runtime import Runtime
 from tests.conftest import EXPORT_RANGE
-from tests.diffusers_oracle import diffusers_pipeline, diffusers_scheduler
+from tests.diffusers_oracle import diffusers_pipeline, diffusers_scheduler, give_pipeline_our_noise
 
 RANGE = ShapeRange(**EXPORT_RANGE)
 
@@ -109,11 +109,7 @@ def test_img2img_matches_diffusers_pipeline(runtime, checkpoint, engine_dir, mon
     noise = np.random.default_rng(6).standard_normal((1, 4, 16, 16), dtype=np.float32)
     ours = runtime.generate("a castle", steps=10, guidance_scale=5.0, height=128, width=128, scheduler="euler",
                             latents=noise, image=init, strength=0.6).images[0]
-    # rtsd encodes to the posterior mean (deterministic) and takes the caller's noise: make diffusers do the same.
-    monkeypatch.setattr(img2img, "randn_tensor", lambda shape, **kw: torch.from_numpy(noise).reshape(shape))
-    original = img2img.retrieve_latents
-    monkeypatch.setattr(img2img, "retrieve_latents", lambda out, generator=None, sample_mode="sample":
-                        original(out, generator, sample_mode="argmax"))
+    give_pipeline_our_noise(monkeypatch, img2img, noise)  # same noise, posterior mean
     pipe = diffusers_pipeline(checkpoint, config, engine_dir / "tokenizer", diffusers_scheduler("euler", config),
                               img2img=True)
     with torch.inference_mode():

@@ -60,7 +60,7 @@ def test_inpainting_matches_diffusers_pipeline(runtime, tiny_inpaint_checkpoint,
                                                scheduler, options, strength, guidance, images, as_arrays):
     import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint as inpaint
 
-    from tests.diffusers_oracle import diffusers_inpaint_pipeline, diffusers_scheduler
+    from tests.diffusers_oracle import diffusers_inpaint_pipeline, diffusers_scheduler, give_pipeline_our_noise
 
     config = runtime.config
     init, mask = _init_image(), _mask()
@@ -72,12 +72,7 @@ def test_inpainting_matches_diffusers_pipeline(runtime, tiny_inpaint_checkpoint,
                             mask_image=mask / 255.0 if as_arrays else Image.fromarray(mask), strength=strength)
     assert ours.parameters["inpainting"] and ours.parameters["strength"] == strength
 
-    # diffusers draws its noise itself (for strength < 1 it must: `latents=` would skip noising the image) and
-    # samples the VAE posterior: give it rtsd's noise and the posterior mean.
-    monkeypatch.setattr(inpaint, "randn_tensor", lambda shape, **kw: torch.from_numpy(noise).reshape(shape))
-    original = inpaint.retrieve_latents
-    monkeypatch.setattr(inpaint, "retrieve_latents", lambda out, generator=None, sample_mode="sample":
-                        original(out, generator, sample_mode="argmax"))
+    give_pipeline_our_noise(monkeypatch, inpaint, noise)  # same noise, posterior mean
     pipe = diffusers_inpaint_pipeline(tiny_inpaint_checkpoint, config, tiny_inpaint_engine_dir / "tokenizer",
                                       diffusers_scheduler(scheduler, config, **options))
     with torch.inference_mode():

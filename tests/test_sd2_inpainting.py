@@ -89,7 +89,7 @@ def test_sd2_inpainting_matches_diffusers_pipeline(runtime, checkpoint, engine_d
                                                    strength):
     import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint as inpaint
 
-    from tests.diffusers_oracle import diffusers_inpaint_pipeline, diffusers_scheduler
+    from tests.diffusers_oracle import diffusers_inpaint_pipeline, diffusers_scheduler, give_pipeline_our_noise
 
     config, steps, guidance = runtime.config, 8, 7.5
     init, mask = _init_image(), _mask()
@@ -100,12 +100,7 @@ def test_sd2_inpainting_matches_diffusers_pipeline(runtime, checkpoint, engine_d
                             strength=strength)
     assert ours.parameters["inpainting"] and ours.parameters["model"] == "sd2"
 
-    # diffusers draws its noise itself (for strength < 1 it must: `latents=` would skip noising the image) and
-    # samples the VAE posterior: give it rtsd's noise and the posterior mean.
-    monkeypatch.setattr(inpaint, "randn_tensor", lambda shape, **kw: torch.from_numpy(noise).reshape(shape))
-    original = inpaint.retrieve_latents
-    monkeypatch.setattr(inpaint, "retrieve_latents", lambda out, generator=None, sample_mode="sample":
-                        original(out, generator, sample_mode="argmax"))
+    give_pipeline_our_noise(monkeypatch, inpaint, noise)  # same noise, posterior mean
     pipe = diffusers_inpaint_pipeline(checkpoint, config, engine_dir / "tokenizer",
                                       diffusers_scheduler(scheduler, config, **options))
     assert pipe.unet.config.in_channels == 9 and pipe.scheduler.config.prediction_type == "epsilon"
