@@ -197,12 +197,14 @@ ATTENTION = [
 ]
 
 
-def test_norms_and_float_reductions_are_pinned_everywhere():
-    assert fp32_layer_names(ATTENTION, "unet") == ["norm", "mean"]
+def test_norms_and_reductions_are_left_to_tensorrt_outside_the_vae_attention():
+    """TensorRT computes normalization in fp32 by default; pinning them only adds reformats (docs/tensorrt.md)."""
+    assert fp32_layer_names(ATTENTION, "unet") == []
+    assert fp32_layer_names(ATTENTION, "text_encoder") == []
 
 
-def test_vae_decoder_also_pins_the_attention_logits_path():
-    assert fp32_layer_names(ATTENTION, "vae_decoder") == ["norm", "mean", "softmax", "scale", "qk"]
+def test_vae_decoder_pins_only_the_attention_logits_path():
+    assert fp32_layer_names(ATTENTION, "vae_decoder") == ["softmax", "scale", "qk"]
 
 
 def test_softmax_whose_logits_do_not_come_from_a_matmul_pins_only_itself():
@@ -218,10 +220,11 @@ class _FakeBuilderTRT:
     add_optimization_profile for a rejected profile, a bool from set_timing_cache."""
 
     float32, float16 = "FLOAT", "HALF"
-    BuilderFlag = types.SimpleNamespace(FP16="FP16", OBEY_PRECISION_CONSTRAINTS="OBEY_PRECISION_CONSTRAINTS")
+    BuilderFlag = types.SimpleNamespace(FP16="FP16", TF32="TF32", OBEY_PRECISION_CONSTRAINTS="OBEY_PRECISION_CONSTRAINTS",
+                                        PREFER_PRECISION_CONSTRAINTS="PREFER_PRECISION_CONSTRAINTS")
     Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, min_severity: None})
 
-    def __init__(self, layers, inputs, *, profile_index=0, plan=b"plan", readable_cache=True):
+    def __init__(self, layers, inputs, *, profile_index=0, plan=b"plan", readable_cache=True, no_fp32_tactic=()):
         fake = self
         self.configs, self.profiles = [], []
 
@@ -250,11 +253,15 @@ class _FakeBuilderTRT:
 
         class Config:
             def __init__(self):
-                self.flags, self.builder_optimization_level, self.cache = set(), None, None
+                # R9: TF32 is "Enabled by default" (BuilderFlag docs)
+                self.flags, self.builder_optimization_level, self.cache = {"TF32"}, None, None
                 fake.configs.append(self)
 
             def set_flag(self, flag):
                 self.flags.add(flag)
+
+            def clear_flag(self, flag):
+                self.flags.discard(flag)
 
             def add_optimization_profile(self, profile):
                 return profile_index
@@ -290,6 +297,11 @@ class _FakeBuilderTRT:
                 return fake.profiles[-1]
 
             def build_serialized_network(self, network, config):
+                # R9: OBEY_PRECISION_CONSTRAINTS "Require that layers execute in specified precisions. Build fails
+                # otherwise." A layer pinned to fp32 that has no fp32 implementation fails the whole build.
+                if "OBEY_PRECISION_CONSTRAINTS" in config.flags and any(
+                        layer.precision == fake.float32 and layer.type.name in no_fp32_tactic for layer in fake.layers):
+                    return None
                 return plan
 
         class OnnxParser:
@@ -322,9 +334,9 @@ def test_builder_pins_fp32_layers_sets_the_profile_and_keeps_the_timing_cache(tm
                                                               profile)
     config = trt.configs[0]
     assert config.flags == {"FP16", "OBEY_PRECISION_CONSTRAINTS"} and config.builder_optimization_level == 4
-    assert record["fp32_layers"] == ["norm", "softmax", "sq", "qk"]
+    assert record["fp32_layers"] == ["softmax", "sq", "qk"]
     pinned = {layer.name: (layer.precision, layer.output_types) for layer in trt.layers}
-    assert pinned["qk"] == ("FLOAT", {0: "FLOAT"}) and pinned["conv"] == (None, {})
+    assert pinned["qk"] == ("FLOAT", {0: "FLOAT"}) and pinned["conv"] == (None, {}) and pinned["norm"] == (None, {})
     assert trt.profiles[0] == {"latent": tuple(tuple(profile["latent"][c]) for c in ("min", "opt", "max"))}
     assert (tmp_path / "vae_decoder.plan").read_bytes() == b"plan"
     kept = cache_blob if cache_blob == b"readable" else b""
@@ -423,10 +435,14 @@ def test_vae_decoder_attention_logits_path_is_found_in_the_real_graph(tiny_onnx)
     softmaxes = [layer for layer in layers if layer.type == "SOFTMAX"]
     assert softmaxes
     assert sum(by_name[name].type == "MATRIX_MULTIPLY" for name in pinned) == len(softmaxes)
-    assert sum(by_name[name].type == "NORMALIZATION" for name in pinned) == \
-        sum(layer.type == "NORMALIZATION" for layer in layers) > 0
+    # only the logits path: no normalization (30 of them in the tiny decoder) and no convolution is pinned
+    assert {by_name[name].type for name in pinned} <= {"SOFTMAX", "MATRIX_MULTIPLY", *_SCORE_PATH}
+    assert sum(layer.type == "NORMALIZATION" for layer in layers) > 0
     unet = _onnx_layers(tiny_onnx["unet"])
-    assert all(layer.type == "NORMALIZATION" for layer in unet if layer.name in fp32_layer_names(unet, "unet"))
+    assert sum(layer.type == "SOFTMAX" for layer in unet) > 0 and fp32_layer_names(unet, "unet") == []
+
+
+_SCORE_PATH = ("ELEMENTWISE", "SCALE", "SHUFFLE", "SQUEEZE", "UNSQUEEZE", "CAST", "UNARY")
 
 
 # ---------------------------------------------------------------- without TensorRT / CuPy / a GPU
@@ -435,6 +451,11 @@ def _fake_module(name, **attrs):
     module = types.ModuleType(name)
     module.__dict__.update(attrs)
     return module
+
+
+def _fake_tensorrt(version):
+    """A module that looks like TensorRT's at import (version, Builder, Runtime, Logger) and does nothing else."""
+    return _fake_module("tensorrt", __version__=version, Builder=object, Runtime=object, Logger=object)
 
 
 def _manifest():
@@ -462,7 +483,7 @@ def test_missing_tensorrt_is_one_line_with_the_install_hint(monkeypatch, tmp_pat
 def test_missing_cupy_old_tensorrt_and_no_gpu_are_named(monkeypatch):
     from rtsd.engine.tensorrt import TensorRTBackend
 
-    monkeypatch.setitem(sys.modules, "tensorrt", _fake_module("tensorrt", __version__="10.8.0.43"))
+    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt("10.8.0.43"))
     monkeypatch.setitem(sys.modules, "cupy", None)
     with pytest.raises(MissingDependencyError, match=r"needs 'cupy-cuda12x', which is not installed: pip install"):
         TensorRTBackend()
@@ -477,7 +498,7 @@ def test_missing_cupy_old_tensorrt_and_no_gpu_are_named(monkeypatch):
         TensorRTBackend()
 
     for version in ("8.6.1", "11.4.0"):
-        monkeypatch.setitem(sys.modules, "tensorrt", _fake_module("tensorrt", __version__=version))
+        monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt(version))
         expected = rf"needs tensorrt>=10.1,<11, this machine has TensorRT {version}: pip install 'tensorrt>=10.1,<11'$"
         with pytest.raises(MissingDependencyError, match=expected):
             TensorRTBackend()
@@ -682,7 +703,8 @@ SIM_RANGE = ShapeRange(min_size=64, max_size=128, opt_size=64, max_batch=2)
 @pytest.fixture
 def sim(monkeypatch, tmp_path):
     """A simulated TensorRT + CuPy and an engine directory whose plans name what the simulator builds."""
-    trt, cp = SimTensorRT(SD15, SIM_RANGE), SimCupy()
+    cp = SimCupy()
+    trt = SimTensorRT(SD15, SIM_RANGE, cupy=cp)
     monkeypatch.setattr(trt_backend, "import_tensorrt", lambda purpose: trt)
     monkeypatch.setattr(trt_backend, "cuda_device", lambda purpose, device=0: (cp, "Sim GPU", "9.0"))
     manifest, plans = sim_manifest(SD15, SIM_RANGE, "Sim GPU", "9.0")
@@ -702,13 +724,13 @@ def test_sim_loads_all_engines_on_one_shared_activation_block(sim):
     backend = trt_backend.TensorRTBackend()
     engines = backend.load(sim.dir, sim.manifest, COMPONENTS)
     assert backend.host == HostInfo("10.8.0.43", "Sim GPU", "9.0") and backend.xp is sim.cp
-    assert len(sim.cp.blocks) == 1 and backend.activation.size == 5000  # the largest engine's need, once
+    assert len(sim.cp.blocks) == 1 and backend.activation.size == 5120  # the largest need (5000), 256-rounded
     engines["text_encoder"].infer({"input_ids": np.ones((2, 77), np.int64)})
     engines["unet"].infer(_unet_feeds(2, 64))
     engines["vae_decoder"].to_host(engines["vae_encoder"].infer({"images": np.ones((1, 3, 64, 64), np.float32)})[
         "latent"])
     contexts = [c for e in sim.trt.deserialized for c in e.contexts]
-    assert len(contexts) == 3 and {c.memory for c in contexts} == {(sim.cp.blocks[0].ctypes.data, 5000)}
+    assert len(contexts) == 3 and {c.memory for c in contexts} == {(sim.cp.blocks[0]().ptr, 5120)}
 
 
 def test_sim_unet_steps_reuse_buffers_and_replay_one_graph_per_shape(sim):
@@ -797,7 +819,8 @@ def test_sim_non_finite_vae_output_switches_to_the_fp32_plan(sim):
 def test_sim_runtime_loop_through_the_backend_equals_the_host_loop(monkeypatch, tmp_path, request_index):
     """Runtime.generate through TensorRTBackend (buffers, addresses, graphs, the device-side step) gives exactly what
     the same stand-in functions give when called directly in a NumPy loop."""
-    trt, cp = SimTensorRT(SD15, SIM_RANGE, compute=MODEL_LIKE), SimCupy()
+    cp = SimCupy()
+    trt = SimTensorRT(SD15, SIM_RANGE, compute=MODEL_LIKE, cupy=cp)
     monkeypatch.setattr(trt_backend, "import_tensorrt", lambda purpose: trt)
     monkeypatch.setattr(trt_backend, "cuda_device", lambda purpose, device=0: (cp, "Sim GPU", "9.0"))
     write_sim_engine_dir(tmp_path, SD15, SIM_RANGE, "Sim GPU", "9.0", overflow=())

@@ -23,9 +23,10 @@ INSTALL_HINT = "pip install 'rtsd[tensorrt]' (TensorRT 10 and CuPy; needs an NVI
 class GpuDependencyError(MissingDependencyError):
     """A GPU-side package (tensorrt, cupy) is missing; one line with the install command."""
 
-    def __init__(self, package: str, purpose: str, found: str | None = None):
+    def __init__(self, package: str, purpose: str, found: str | None = None, stand_in: str | None = None):
         if found is None:
-            message = f"{purpose} needs '{package}', which is not installed: {INSTALL_HINT}"
+            detail = f" ({stand_in})" if stand_in else ""
+            message = f"{purpose} needs '{package}', which is not installed{detail}: {INSTALL_HINT}"
         else:
             message = f"{purpose} needs {package}, this machine has {found}: pip install '{package}'"
         RtsdError.__init__(self, message)
@@ -113,6 +114,30 @@ class GrowOnlyBuffers:
         self.generation += 1
 
 
+# cudaStreamCaptureModeThreadLocal (driver_types.h: Global 0, ThreadLocal 1, Relaxed 2; CuPy exposes the same value
+# as cupy.cuda.runtime.streamCaptureModeThreadLocal). A literal keeps this module importable without CuPy.
+THREAD_LOCAL_CAPTURE = 1
+
+
+def cuda_error_clearer() -> Callable[[], None]:
+    """A function that reads and resets the CUDA runtime's pending error (cudaGetLastError), or a no-op where no
+    shared CUDA runtime library can be found. CuPy does not wrap cudaGetLastError, so it is called through ctypes on
+    the libcudart that CuPy loaded (dlopen of a loaded soname returns the same library)."""
+    import ctypes
+
+    for name in ("libcudart.so.13", "libcudart.so.12", "libcudart.so", "cudart64_12.dll"):
+        try:
+            get_last_error = ctypes.CDLL(name).cudaGetLastError
+        except (OSError, AttributeError):
+            continue
+        get_last_error.restype = ctypes.c_int
+
+        def clear() -> None:
+            get_last_error()
+        return clear
+    return lambda: None
+
+
 class GraphCache:
     """CUDA graphs of one enqueue function, one per key (the input shapes), captured after a warm-up call.
 
@@ -144,13 +169,14 @@ class GraphCache:
             enqueue()
             return "plain"
         try:
-            self.stream.begin_capture()
+            self.stream.begin_capture(mode=THREAD_LOCAL_CAPTURE)
             try:
                 enqueue()
             finally:
                 graph = self.stream.end_capture()  # always end, or the stream stays unusable
         except Exception as exc:  # not capturable (e.g. an engine with data-dependent shapes): run plainly
             self.failures[key] = f"{type(exc).__name__}: {exc}"
+            self.clear_error()
             enqueue()
             return "plain"
         self._graphs[key] = graph
@@ -165,9 +191,11 @@ class GraphCache:
         self.failures.pop(key, None)
 
     def clear(self) -> None:
-        """Forget every graph: they bake in buffer addresses, so any buffer reallocation invalidates them."""
+        """Forget every graph: they bake in buffer addresses, so any buffer reallocation invalidates them. Failed
+        captures are forgotten too: a capture that failed at the old addresses is tried again at the new ones."""
         self._graphs.clear()
         self._calls.clear()
+        self.failures.clear()
 
     def __len__(self) -> int:
         return len(self._graphs)

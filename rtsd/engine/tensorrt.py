@@ -30,9 +30,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from rtsd.engine.cuda import (EventTimer, GpuDependencyError, GraphCache, GrowOnlyBuffers, cuda_device,
-                              data_pointer, to_host)
+                              cuda_error_clearer, data_pointer, to_host)
 from rtsd.engine.staleness import HostInfo, rebuild_command, stale_message, stale_reasons
-from rtsd.errors import EngineDirError, NonFiniteOutputError
+from rtsd.errors import EngineDirError, NonFiniteOutputError, RtsdError
 from rtsd.export.manifest import Manifest
 from rtsd.export.specs import IOSpec
 
@@ -44,15 +44,26 @@ MAX_GRAPH_SHAPES = 8
 SIZE_STEP = 64  # export flags are suggested in multiples of this (ShapeRange's default size_multiple)
 
 
-def import_tensorrt(purpose: str):
-    """The tensorrt module, checked to be TensorRT >= 10.1; one clear error otherwise."""
+def import_tensorrt(purpose: str) -> Any:
+    """The tensorrt module, checked to be TensorRT >= 10.1; one clear error otherwise.
+
+    A ``tensorrt`` that imports but is not TensorRT counts as missing: with only the type stubs installed
+    (``tensorrt-stubs``, used by the type check), ``import tensorrt`` finds a namespace package with no
+    ``__version__``, no ``Builder`` and no ``Runtime``.
+    """
     try:
         import tensorrt
     except ImportError:
         raise GpuDependencyError("tensorrt", purpose) from None
-    version = tuple(int(p) for p in tensorrt.__version__.split(".")[:2] if p.isdigit())
+    version_text = getattr(tensorrt, "__version__", None)
+    if not isinstance(version_text, str) or not all(callable(getattr(tensorrt, name, None))
+                                                    for name in ("Builder", "Runtime", "Logger")):
+        where = ", ".join(getattr(tensorrt, "__path__", None) or [getattr(tensorrt, "__file__", None) or "a module"])
+        raise GpuDependencyError("tensorrt", purpose, stand_in=f"'import tensorrt' found {where}, which is not "
+                                                               f"TensorRT (only its type stubs?)")
+    version = tuple(int(p) for p in version_text.split(".")[:2] if p.isdigit())
     if not MIN_TENSORRT <= version < BELOW_TENSORRT:
-        raise GpuDependencyError(TENSORRT_REQUIREMENT, purpose, found=f"TensorRT {tensorrt.__version__}")
+        raise GpuDependencyError(TENSORRT_REQUIREMENT, purpose, found=f"TensorRT {version_text}")
     return tensorrt
 
 
@@ -126,34 +137,50 @@ def check_profile(spec: IOSpec, shapes: Mapping[str, tuple[int, ...]],
 
 # ---------------------------------------------------------------- device side
 
-class SharedActivationMemory:
-    """One device block used as activation memory by every execution context (they never run concurrently)."""
+class ActivationMemoryError(RtsdError, RuntimeError):
+    """The shared activation block could not grow; the engines already loaded keep the old block and still run."""
 
-    def __init__(self, cupy):
+
+class SharedActivationMemory:
+    """One device block used as activation memory by every execution context (they never run concurrently).
+
+    Growing is all-or-nothing: the new block is allocated while the old one is still held, then every context is
+    re-pointed and the generation bumped (captured graphs baked in the old address), and only then is the old block
+    released. If the allocation fails, nothing changed: the contexts, ``size`` and captured graphs still refer to
+    the old block, which is still alive, and the caller gets one line saying so.
+    """
+
+    def __init__(self, cupy: Any):
         self._cp = cupy
-        self._block = None
+        self._block: Any = None
         self.size = 0
         self.generation = 0  # bumps when the block moves: captured graphs that baked in its address are invalid
         self._contexts: list[Any] = []
 
     def reserve(self, nbytes: int) -> None:
-        nbytes = max(int(nbytes), 256)
+        nbytes = -(-max(int(nbytes), 256) // 256) * 256  # TensorRT wants a 256-byte multiple (see set_device_memory)
         if nbytes <= self.size:
             return
         self._cp.cuda.Device().synchronize()  # nothing may still run in the old block
-        self._block = None
-        self._block = self._cp.cuda.alloc(nbytes)
-        self.size = nbytes
-        self.generation += 1
+        try:
+            block = self._cp.cuda.alloc(nbytes)
+        except Exception as exc:  # cupy.cuda.memory.OutOfMemoryError (or a driver error): keep the old block
+            have = f"keeping the current {self.size} bytes" if self._block is not None else "none allocated yet"
+            raise ActivationMemoryError(
+                f"TensorRT activation memory could not grow to {nbytes} bytes ({type(exc).__name__}; {have}): "
+                f"free GPU memory, or re-export with smaller --max-size/--max-batch") from None
         for context in self._contexts:
-            context.set_device_memory(self._block.ptr, self.size)
+            context.set_device_memory(block.ptr, nbytes)
+        old, self._block, self.size = self._block, block, nbytes
+        self.generation += 1
+        del old  # released only now that no context points at it
 
-    def attach(self, context, required: int) -> None:
+    def attach(self, context: Any, required: int) -> None:
         self.reserve(required)
         context.set_device_memory(self._block.ptr, self.size)
         self._contexts.append(context)
 
-    def detach(self, context) -> None:
+    def detach(self, context: Any) -> None:
         self._contexts = [c for c in self._contexts if c is not context]
 
 
@@ -186,12 +213,17 @@ class TensorRTEngine:
             raise EngineDirError(f"{name}.plan has inputs {self._inputs} and outputs {self._outputs}, the manifest "
                                  f"declares {[t.name for t in spec.inputs]} -> {[t.name for t in spec.outputs]}: "
                                  f"rebuild with `{rebuild_command(engine_dir)}`")
-        self._dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
+        try:  # trt.nptype raises TypeError for bf16/fp8/fp4 I/O (no NumPy equivalent); rtsd exports fp32/fp16 I/O
+            self._dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
+        except TypeError:
+            kinds = sorted({str(engine.get_tensor_dtype(n)) for n in names})
+            raise EngineDirError(f"{name}.plan has I/O tensors of type {kinds}, which NumPy/CuPy cannot hold: "
+                                 f"rebuild with `{rebuild_command(engine_dir)}`") from None
         self.profile = {n: dict(zip(("min", "opt", "max"), (tuple(d) for d in engine.get_tensor_profile_shape(n, 0))))
                         for n in self._inputs}
         self._buffers = GrowOnlyBuffers(self.xp)
         self._slots: OrderedDict[Any, _Slot] = OrderedDict()
-        self._graphs = GraphCache(backend.stream) if cuda_graph else None
+        self._graphs = GraphCache(backend.stream, clear_error=backend.clear_cuda_error) if cuda_graph else None
         self._graph_stamp = None
         self._fallback_plan, self._fallback = fallback_plan, None
 
@@ -341,6 +373,7 @@ class TensorRTBackend:
         self.cuda_graphs, self.check_finite = tuple(cuda_graphs), tuple(check_finite)
         self.stream = self.xp.cuda.Stream(non_blocking=True)  # graph capture needs a non-default stream
         self.activation = SharedActivationMemory(self.xp)
+        self.clear_cuda_error = cuda_error_clearer()  # after a failed graph capture
         self._logger = self.trt.Logger(self.trt.Logger.WARNING)
         self._runtime = self.trt.Runtime(self._logger)
         self._engines: list[TensorRTEngine] = []

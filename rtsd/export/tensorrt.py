@@ -4,17 +4,25 @@ One engine per sub-model, each with one optimization profile derived from its IO
 (``--static`` collapses the profile to the opt shape for the fastest kernels). Builds share a timing cache kept in
 the engine directory, so a rebuild (new TensorRT, other GPU, other sizes) re-times only what changed.
 
-Precision (why some layers stay fp32):
-  * Normalization layers everywhere (GroupNorm in the UNet and VAE, LayerNorm in CLIP and the UNet's transformer
-    blocks, parsed by TensorRT as INormalizationLayer) and float Reduce layers (mean/variance when a norm arrives
-    decomposed): the variance is a mean of squares, and activations of a few hundred already square past fp16's
-    65504 -> inf -> NaN. TensorRT itself warns about fp16 LayerNorm after attention. They are a small share of the
-    time, so fp32 costs little.
-  * In the VAE decoder, the attention Softmax and the Q.K^T MatMul feeding it: its single-head attention over
-    512 channels at full latent resolution produces the largest logits in the model.
+Precision (what stays fp32, and why so little):
+  * Normalization layers (GroupNorm, LayerNorm; TensorRT parses both into INormalizationLayer) are NOT pinned.
+    TensorRT already computes them in fp32 in an fp16 network (Python API, INormalizationLayer.compute_precision:
+    "By default TensorRT will run the normalization computation in DataType.kFLOAT32 even in mixed precision mode
+    regardless of any set builder flags to avoid overflow errors"), so the mean-of-squares overflow a pin was meant
+    to prevent does not happen inside them. Pinning their
+    inputs/outputs as well only added an fp16<->fp32 reformat around every norm, kept TensorRT from fusing them
+    into fp16 attention/convolution kernels, and under OBEY_PRECISION_CONSTRAINTS a pinned layer without an fp32
+    tactic fails the whole build. Reduce layers are not pinned either (the exported graphs carry norms as norm ops).
+  * Pinned, with OBEY: in the VAE decoder, the attention Softmax and the Q.K^T MatMul feeding it (and the scaling
+    between them). Its single-head attention over 512 channels at full latent resolution makes the largest logits in
+    the model, and fp16 logits saturate there (the known "black image" VAE failure). These are layer types an fp32
+    build of the same network implements in fp32 (the fp32 fallback plan is one), so OBEY does not leave them
+    without a tactic. TF32 is cleared in those builds: the pin is for
+    accuracy, and TF32 would round the pinned MatMul's inputs to 10 mantissa bits.
   * ``fp32_components`` builds a whole sub-model in fp32 (e.g. a VAE whose convolutions overflow, as the SDXL VAE's
-    do), and ``fp32_fallback`` (default: the VAE decoder) also writes an fp32 plan that the runtime switches to if
-    the fp16 plan ever returns non-finite values.
+    do; TF32 stays on there: it has fp32's range, which is what those builds need), and ``fp32_fallback``
+    (default: the VAE decoder) also writes an fp32 plan that the runtime switches to if the fp16 plan ever returns
+    non-finite values.
 
 The manifest records per plan: file, sha256, precision, TensorRT version, GPU name and compute capability, the
 sha256 of the ONNX it was built from, the fp32 layers and the profile; ``rtsd.engine.staleness`` judges them.
@@ -38,8 +46,7 @@ from rtsd.errors import EngineDirError, RtsdError
 from rtsd.export.manifest import Manifest, sha256_file
 from rtsd.export.specs import COMPONENTS, IOSpec, ShapeRange
 
-FP32_LAYER_TYPES = ("NORMALIZATION", "REDUCE")
-ATTENTION_FP32_COMPONENTS = ("vae_decoder",)
+ATTENTION_FP32_COMPONENTS = ("vae_decoder",)  # where fp16 attention logits are known to overflow
 # Layers that may sit between the Q.K^T MatMul and the Softmax (scaling, reshapes, casts). TensorRT 10 also has
 # dedicated SQUEEZE/UNSQUEEZE layer types next to SHUFFLE.
 _SCORE_PATH_TYPES = ("ELEMENTWISE", "SCALE", "SHUFFLE", "SQUEEZE", "UNSQUEEZE", "CAST", "UNARY")
@@ -69,12 +76,13 @@ def engine_profile(spec: IOSpec, shape_range: ShapeRange, static: bool = False) 
 
 
 def fp32_layer_names(layers: Sequence[LayerInfo], component: str) -> list[str]:
-    """Names of the layers to pin to fp32 in ``component`` (see the module docstring for why)."""
-    chosen = [layer.name for layer in layers if layer.type in FP32_LAYER_TYPES and layer.float_outputs]
+    """Names of the layers to pin to fp32 in ``component``: the attention-logit path of the VAE decoder only (see
+    the module docstring for why normalization layers are left to TensorRT's own fp32 compute)."""
+    chosen: list[str] = []
     if component in ATTENTION_FP32_COMPONENTS:
         producer = {out: layer for layer in layers for out in layer.outputs}
         for layer in layers:
-            if layer.type == "SOFTMAX":
+            if layer.type == "SOFTMAX" and layer.float_outputs:
                 chosen.append(layer.name)
                 chosen += [p.name for p in _score_path(layer, producer)]
     return list(dict.fromkeys(chosen))
@@ -219,6 +227,7 @@ class _Builder:
             if fp32_layers:
                 _pin_fp32(trt, network, set(fp32_layers))
                 config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+                config.clear_flag(trt.BuilderFlag.TF32)  # pinned for accuracy: no 10-bit-mantissa MatMul inputs
         optimization_profile = self.builder.create_optimization_profile()
         for name, corners in profile.items():
             optimization_profile.set_shape(name, tuple(corners["min"]), tuple(corners["opt"]), tuple(corners["max"]))
