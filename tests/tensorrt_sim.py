@@ -220,7 +220,7 @@ class SimCupy:
     """The CuPy surface the backend and the runtime loop use, over host memory.
 
     ``live`` maps the address of every block not yet freed to its size (R1: contexts must point at live memory);
-    ``out_of_memory`` makes the next allocations fail (R6)."""
+    ``out_of_memory`` makes the next ``cuda.alloc`` calls (the activation block) fail (R6)."""
 
     uint8, float32 = np.uint8, np.float32
     isfinite = staticmethod(np.isfinite)
@@ -241,8 +241,6 @@ class SimCupy:
         return block
 
     def empty(self, n, dtype):
-        if self.out_of_memory:
-            raise SimOutOfMemoryError(f"Out of memory allocating {n:,} elements")
         block = SimMemory(self, n * np.dtype(dtype).itemsize)
         array = block.array.view(dtype).view(DevArray)
         array.memory = block  # the array keeps its block alive, as a CuPy array keeps its MemoryPointer

@@ -144,13 +144,20 @@ class GraphCache:
     The first ``warmup_calls`` calls at a key run plainly (TensorRT must run once at new shapes before capture so
     that deferred shape-dependent updates are flushed); the next call captures the enqueue into a graph and launches
     it; later calls only launch. Because graphs are keyed by shape, dynamic-shape engines get one graph per shape in
-    use. A key whose capture fails runs plainly from then on (``failures`` says why). ``stream`` needs
-    ``begin_capture()``, ``end_capture() -> graph`` and ``graph.launch(stream=)``: CuPy's Stream and Graph.
+    use. A key whose capture fails runs plainly from then on (``failures`` says why, until ``clear``).
+
+    Capture is thread-local, as trtexec captures: only this thread is barred from unsafe CUDA calls while it captures
+    (CuPy's default, relaxed, would let another call of this thread such as a cudaMalloc slip by unnoticed; global
+    would fail captures because of unrelated threads). After a failed capture ``clear_error`` is called before the
+    plain run, so a CUDA error left pending by the invalidated capture is not reported by the next, unrelated call.
+    ``stream`` needs ``begin_capture(mode=)``, ``end_capture() -> graph`` and ``graph.launch(stream=)``: CuPy's
+    Stream and Graph.
     """
 
-    def __init__(self, stream, warmup_calls: int = 1):
+    def __init__(self, stream: Any, warmup_calls: int = 1, clear_error: Callable[[], None] | None = None):
         self.stream = stream
         self.warmup_calls = warmup_calls
+        self.clear_error = clear_error or (lambda: None)
         self._graphs: dict[Hashable, Any] = {}
         self._calls: dict[Hashable, int] = defaultdict(int)
         self.failures: dict[Hashable, str] = {}
