@@ -71,12 +71,29 @@ def _profile(component, range_, static=False):
 
 
 @pytest.mark.parametrize("rows,size", [(1, 256), (2, 512), (8, 1024), (5, 640)])
-def test_requests_inside_the_profile_pass(rows, size):
+def test_requests_inside_the_profile_pass_and_one_step_outside_fails(rows, size):
+    """Inside the profile (its corners included) no axis is reported and check_profile accepts; the same request one
+    latent step (8 px) past the max size, below the min size, or one row past the max batch is refused."""
+    from rtsd.engine.tensorrt import outside_profile
+
     r = ShapeRange(min_size=256, max_size=1024, max_batch=4)
     for component in COMPONENTS:
-        spec = SPECS[component]
-        shapes = {t.name: spec.shapes(min(rows, 4 * spec.batch_factor), size, size)[t.name] for t in spec.inputs}
-        check_profile(spec, shapes, _profile(component, r))
+        spec, profile = SPECS[component], _profile(component, r)
+        max_rows = 4 * spec.batch_factor
+
+        def shapes(n, px):
+            return {t.name: spec.shapes(n, px, px)[t.name] for t in spec.inputs}
+
+        inside = shapes(min(rows, max_rows), size)
+        assert outside_profile(inside, profile) == [], (component, inside)
+        assert check_profile(spec, inside, profile) is None
+        outside = [shapes(max_rows + 1, size)]
+        if component != "text_encoder":  # its only dynamic axis is the batch
+            outside += [shapes(min(rows, max_rows), 1024 + 8), shapes(min(rows, max_rows), 256 - 8)]
+        for request in outside:
+            assert outside_profile(request, profile), (component, request)
+            with pytest.raises(ValueError, match=f"^{component}: .* is outside the TensorRT engine"):
+                check_profile(spec, request, profile)
 
 
 def test_request_size_and_ranges_are_in_user_terms():
@@ -354,6 +371,35 @@ def test_builder_failures_are_engine_build_errors(tmp_path, failure, needle):
                                                tmp_path / "vae_decoder.plan", "vae_decoder", "fp16",
                                                engine_profile(SPECS["vae_decoder"], ShapeRange()))
     assert not (tmp_path / "vae_decoder.plan").exists()
+
+
+def _build(tmp_path, trt, component="vae_decoder"):
+    from rtsd.export.tensorrt import _Builder
+
+    return _Builder(trt, tmp_path, 3, None).build(tmp_path / f"{component}.onnx", SPECS[component],
+                                                  tmp_path / f"{component}.plan", component, "fp16",
+                                                  engine_profile(SPECS[component], ShapeRange()))
+
+
+def test_r9_obey_fails_the_build_when_a_pinned_layer_has_no_fp32_tactic(tmp_path):
+    """The fake is strict (OBEY: "Build fails otherwise"): pinning a layer without an fp32 implementation fails."""
+    from rtsd.export.tensorrt import EngineBuildError
+
+    with pytest.raises(EngineBuildError, match="failed to build vae_decoder.plan"):
+        _build(tmp_path, _FakeBuilderTRT(_DECODER_LAYERS, ["latent"], no_fp32_tactic=("SOFTMAX",)))
+
+
+def test_normalization_layers_are_not_pinned_so_they_cannot_fail_an_obey_build(tmp_path):
+    """Under the old policy a GroupNorm without an fp32 tactic would have failed the VAE build; now it is not pinned,
+    TF32 is cleared where layers are pinned for accuracy, and a UNet (nothing pinned) keeps TensorRT's defaults."""
+    trt = _FakeBuilderTRT(_DECODER_LAYERS, ["latent"], no_fp32_tactic=("NORMALIZATION",))
+    assert _build(tmp_path, trt)["fp32_layers"] == ["softmax", "sq", "qk"]
+    assert "TF32" not in trt.configs[0].flags and "OBEY_PRECISION_CONSTRAINTS" in trt.configs[0].flags
+    unet_layers = [("norm", "NORMALIZATION", ["sample"], ["n"]), ("qk", "MATRIX_MULTIPLY", ["n", "n"], ["qk"]),
+                   ("softmax", "SOFTMAX", ["qk"], ["model_output"])]
+    trt = _FakeBuilderTRT(unet_layers, ["sample", "timestep", "encoder_hidden_states"])
+    assert _build(tmp_path, trt, "unet")["fp32_layers"] == []
+    assert trt.configs[0].flags == {"FP16", "TF32"} and all(layer.precision is None for layer in trt.layers)
 
 
 # ---------------------------------------------------------------- the exported ONNX graphs vs TensorRT 10's parser
