@@ -25,7 +25,7 @@ import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
@@ -35,6 +35,9 @@ from rtsd.engine.staleness import HostInfo, rebuild_command, stale_message, stal
 from rtsd.errors import EngineDirError, NonFiniteOutputError, RtsdError
 from rtsd.export.manifest import Manifest
 from rtsd.export.specs import IOSpec
+
+if TYPE_CHECKING:  # the 10.x type stubs (tensorrt-stubs): pyright checks every TensorRT call against them
+    import tensorrt
 
 MIN_TENSORRT = (10, 1)  # device_memory_size_v2 and set_device_memory(memory, size) arrived in 10.1
 # TensorRT 11 removed weak typing (BuilderFlag.FP16, per-layer precision) that the builder's fp16 policy relies on.
@@ -84,7 +87,8 @@ def profile_ranges(spec: IOSpec, profile: Mapping[str, Mapping[str, tuple[int, .
     """The profile in user terms: {"rows": (lo, hi), "height": (lo, hi), "width": (lo, hi)} (pixels)."""
     low = request_size(spec, {name: tuple(c["min"]) for name, c in profile.items()})
     high = request_size(spec, {name: tuple(c["max"]) for name, c in profile.items()})
-    return {key: (lo, hi) for key, lo, hi in zip(("rows", "height", "width"), low, high) if lo is not None}
+    return {key: (lo, hi) for key, lo, hi in zip(("rows", "height", "width"), low, high)
+            if lo is not None and hi is not None}
 
 
 def outside_profile(shapes: Mapping[str, tuple[int, ...]],
@@ -137,6 +141,12 @@ def check_profile(spec: IOSpec, shapes: Mapping[str, tuple[int, ...]],
 
 # ---------------------------------------------------------------- device side
 
+def dims_tuple(dims: tensorrt.Dims) -> tuple[int, ...]:
+    """A TensorRT Dims as a tuple of ints (Dims is a sequence at run time; its stub lacks __iter__)."""
+    return tuple(dims)
+
+
+
 class ActivationMemoryError(RtsdError, RuntimeError):
     """The shared activation block could not grow; the engines already loaded keep the old block and still run."""
 
@@ -155,7 +165,7 @@ class SharedActivationMemory:
         self._block: Any = None
         self.size = 0
         self.generation = 0  # bumps when the block moves: captured graphs that baked in its address are invalid
-        self._contexts: list[Any] = []
+        self._contexts: list[tensorrt.IExecutionContext] = []
 
     def reserve(self, nbytes: int) -> None:
         nbytes = -(-max(int(nbytes), 256) // 256) * 256  # TensorRT wants a 256-byte multiple (see set_device_memory)
@@ -175,12 +185,12 @@ class SharedActivationMemory:
         self.generation += 1
         del old  # released only now that no context points at it
 
-    def attach(self, context: Any, required: int) -> None:
+    def attach(self, context: tensorrt.IExecutionContext, required: int) -> None:
         self.reserve(required)
         context.set_device_memory(self._block.ptr, self.size)
         self._contexts.append(context)
 
-    def detach(self, context: Any) -> None:
+    def detach(self, context: tensorrt.IExecutionContext) -> None:
         self._contexts = [c for c in self._contexts if c is not context]
 
 
@@ -188,7 +198,7 @@ class SharedActivationMemory:
 class _Slot:
     """An execution context and the state it was last configured with."""
 
-    context: Any
+    context: tensorrt.IExecutionContext
     shapes: tuple | None = None
     stamp: tuple | None = None  # (buffer generation, activation generation) its tensor addresses were set for
 
@@ -196,10 +206,13 @@ class _Slot:
 class TensorRTEngine:
     """One deserialized plan behind the Engine protocol; created by TensorRTBackend.load."""
 
-    def __init__(self, backend: "TensorRTBackend", name: str, spec: IOSpec, engine, *, precision: str,
-                 static: bool, cuda_graph: bool, check_finite: bool, fallback_plan: Path | None,
+    def __init__(self, backend: "TensorRTBackend", name: str, spec: IOSpec, engine: tensorrt.ICudaEngine, *,
+                 precision: str, static: bool, cuda_graph: bool, check_finite: bool, fallback_plan: Path | None,
                  engine_dir: Path):
-        trt = backend.trt
+        if TYPE_CHECKING:
+            import tensorrt as trt
+        else:
+            trt = backend.trt  # TensorRT, or the test stand-in
         self.name, self.spec, self.xp, self.precision, self.static = name, spec, backend.xp, precision, static
         self.return_views = False  # True: outputs are views of the reused buffers, valid until the next call
         self.check_finite = check_finite
@@ -219,8 +232,9 @@ class TensorRTEngine:
             kinds = sorted({str(engine.get_tensor_dtype(n)) for n in names})
             raise EngineDirError(f"{name}.plan has I/O tensors of type {kinds}, which NumPy/CuPy cannot hold: "
                                  f"rebuild with `{rebuild_command(engine_dir)}`") from None
-        self.profile = {n: dict(zip(("min", "opt", "max"), (tuple(d) for d in engine.get_tensor_profile_shape(n, 0))))
-                        for n in self._inputs}
+        self.profile: dict[str, dict[str, tuple[int, ...]]] = {
+            n: {corner: dims_tuple(d) for corner, d in zip(("min", "opt", "max"), engine.get_tensor_profile_shape(n, 0))}
+            for n in self._inputs}
         self._buffers = GrowOnlyBuffers(self.xp)
         self._slots: OrderedDict[Any, _Slot] = OrderedDict()
         self._graphs = GraphCache(backend.stream, clear_error=backend.clear_cuda_error) if cuda_graph else None
@@ -298,7 +312,7 @@ class TensorRTEngine:
             key = tuple(shapes[name] for name in self._inputs)
             slot = self._slot(key, shapes)
             views = {n: self._buffers.view(n, shapes[n], self._dtypes[n]) for n in self._inputs}
-            views.update({n: self._buffers.view(n, tuple(slot.context.get_tensor_shape(n)), self._dtypes[n])
+            views.update({n: self._buffers.view(n, dims_tuple(slot.context.get_tensor_shape(n)), self._dtypes[n])
                           for n in self._outputs})
             for name in self._inputs:
                 self._copy_in(views[name], feeds[name], stream)
@@ -322,7 +336,8 @@ class TensorRTEngine:
                 self._backend.stream.synchronize()  # the evicted context may still have work queued
                 old_key, old = self._slots.popitem(last=False)
                 self._backend.activation.detach(old.context)
-                self._graphs.drop(old_key)
+                if self._graphs is not None:  # always, in practice: one slot per shape only with graphs
+                    self._graphs.drop(old_key)
             slot = self._slots[slot_key] = _Slot(self._backend.new_context(self._engine))
         self._slots.move_to_end(slot_key)
         if slot.shapes != key:
@@ -350,7 +365,7 @@ class TensorRTEngine:
         else:
             destination[...] = source  # device copy (casts if the engine's I/O dtype differs)
 
-    def _enqueue(self, context, stream) -> None:
+    def _enqueue(self, context: tensorrt.IExecutionContext, stream: Any) -> None:
         if not context.execute_async_v3(stream.ptr):
             raise RuntimeError(f"{self.name}: TensorRT execute_async_v3 failed (its log above says why)")
 
@@ -374,8 +389,12 @@ class TensorRTBackend:
         self.stream = self.xp.cuda.Stream(non_blocking=True)  # graph capture needs a non-default stream
         self.activation = SharedActivationMemory(self.xp)
         self.clear_cuda_error = cuda_error_clearer()  # after a failed graph capture
-        self._logger = self.trt.Logger(self.trt.Logger.WARNING)
-        self._runtime = self.trt.Runtime(self._logger)
+        if TYPE_CHECKING:
+            import tensorrt as trt
+        else:
+            trt = self.trt
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
         self._engines: list[TensorRTEngine] = []
 
     def load(self, engine_dir: Path, manifest: Manifest, components: tuple[str, ...]) -> dict[str, TensorRTEngine]:
@@ -391,9 +410,9 @@ class TensorRTBackend:
         if refusals:  # refuse before deserializing anything
             more = f" (and {len(refusals) - 1} more plan(s))" if len(refusals) > 1 else ""
             raise EngineDirError(refusals[0] + more)
-        plans = {}
+        plans: dict[str, tuple[dict[str, Any], tensorrt.ICudaEngine]] = {}
         for component in components:
-            record = manifest.engine_record(component, "tensorrt")
+            record = manifest.engine_record(component, "tensorrt") or {}  # present: stale_reasons said so
             plans[component] = (record, self._deserialize(engine_dir / record["file"], engine_dir))
         self.activation.reserve(max(engine.device_memory_size_v2 for _, engine in plans.values()))
         engines = {}
@@ -414,9 +433,13 @@ class TensorRTBackend:
         return self._wrap(component, spec, engine, engine_dir, precision=precision, static=static,
                           check_finite=check_finite, fallback=None)
 
-    def new_context(self, engine):
+    def new_context(self, engine: tensorrt.ICudaEngine) -> tensorrt.IExecutionContext:
         """An execution context without device memory of its own, pointed at the shared activation block."""
-        context = engine.create_execution_context(self.trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        if TYPE_CHECKING:
+            import tensorrt as trt
+        else:
+            trt = self.trt
+        context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         if context is None:
             raise RuntimeError("TensorRT could not create an execution context (out of host or device memory)")
         self.activation.attach(context, engine.device_memory_size_v2)
@@ -430,14 +453,15 @@ class TensorRTBackend:
             engine.close()
         self._engines.clear()
 
-    def _wrap(self, component, spec, engine, engine_dir, *, precision, static, check_finite, fallback):
+    def _wrap(self, component: str, spec: IOSpec, engine: tensorrt.ICudaEngine, engine_dir: Path, *, precision: str,
+              static: bool, check_finite: bool, fallback: Path | None) -> TensorRTEngine:
         wrapped = TensorRTEngine(self, component, spec, engine, precision=precision, static=static,
                                  cuda_graph=component in self.cuda_graphs, check_finite=check_finite,
                                  fallback_plan=fallback, engine_dir=engine_dir)
         self._engines.append(wrapped)
         return wrapped
 
-    def _deserialize(self, path: Path, engine_dir: Path):
+    def _deserialize(self, path: Path, engine_dir: Path) -> tensorrt.ICudaEngine:
         engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
         if engine is None:
             raise EngineDirError(f"TensorRT {self.host.tensorrt_version} could not load {path.name} (corrupt, or "

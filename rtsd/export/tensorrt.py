@@ -37,7 +37,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from rtsd.engine.cuda import cuda_device
 from rtsd.engine.staleness import HostInfo, stale_reasons
@@ -45,6 +45,9 @@ from rtsd.engine.tensorrt import import_tensorrt
 from rtsd.errors import EngineDirError, RtsdError
 from rtsd.export.manifest import Manifest, sha256_file
 from rtsd.export.specs import COMPONENTS, IOSpec, ShapeRange
+
+if TYPE_CHECKING:  # the 10.x type stubs (tensorrt-stubs): pyright checks every TensorRT call against them
+    import tensorrt
 
 ATTENTION_FP32_COMPONENTS = ("vae_decoder",)  # where fp16 attention logits are known to overflow
 # Layers that may sit between the Q.K^T MatMul and the Softmax (scaling, reshapes, casts). TensorRT 10 also has
@@ -151,7 +154,7 @@ def build_engines(engine_dir: str | Path, manifest: Manifest, *, components: Ite
             if component in fp32_fallback and precision == "fp16" and not _plan_present(
                     engine_dir, (record or {}).get("fallback")):
                 reasons.append("the fp32 fallback plan is missing")
-            if not reasons:
+            if not reasons and record is not None:  # no reasons: the record exists
                 say(f"{component}: {record['file']} is up to date, kept")
                 continue
             say(f"{component}: rebuilding ({'; '.join(reasons)})")
@@ -195,8 +198,12 @@ def _plan_present(engine_dir: Path, record: Mapping[str, Any] | None) -> bool:
 class _Builder:
     """One TensorRT builder and timing cache for a run of builds."""
 
-    def __init__(self, trt, engine_dir: Path, optimization_level: int, timing_cache: str | None):
-        self.trt = trt
+    def __init__(self, trt_module: Any, engine_dir: Path, optimization_level: int, timing_cache: str | None):
+        if TYPE_CHECKING:
+            import tensorrt as trt
+        else:
+            trt = trt_module  # TensorRT, or the test fake of its builder API
+        self.trt = trt_module
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.builder = trt.Builder(self.logger)
         self.optimization_level = optimization_level
@@ -205,7 +212,10 @@ class _Builder:
 
     def build(self, onnx_path: Path, spec: IOSpec, plan_path: Path, component: str, precision: str,
               profile: Mapping[str, Mapping[str, Sequence[int]]]) -> dict[str, Any]:
-        trt = self.trt
+        if TYPE_CHECKING:
+            import tensorrt as trt
+        else:
+            trt = self.trt
         network = self.builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
         parser = trt.OnnxParser(network, self.logger)
         if not parser.parse_from_file(str(onnx_path)):  # resolves external data (unet.onnx.data) next to it
@@ -218,7 +228,7 @@ class _Builder:
             raise EngineDirError(f"{onnx_path.name} has inputs {names}, the manifest declares "
                                  f"{[t.name for t in spec.inputs]}; re-export the engine directory")
 
-        config = self.builder.create_builder_config()
+        config: tensorrt.IBuilderConfig = self.builder.create_builder_config()
         config.builder_optimization_level = self.optimization_level
         fp32_layers: list[str] = []
         if precision == "fp16":
@@ -250,13 +260,17 @@ class _Builder:
         data = memoryview(serialized)
         digest = hashlib.sha256(data).hexdigest()
         _write_atomic(plan_path, data)
-        if cache is not None:
+        if cache is not None and self.cache_path is not None:
             self.cache_bytes = bytes(memoryview(config.get_timing_cache().serialize()))
             _write_atomic(self.cache_path, self.cache_bytes)
         return {"file": plan_path.name, "sha256": digest, "precision": precision, "fp32_layers": fp32_layers}
 
 
-def _layer_infos(trt, network) -> list[LayerInfo]:
+def _layer_infos(trt_module: Any, network: tensorrt.INetworkDefinition) -> list[LayerInfo]:
+    if TYPE_CHECKING:
+        import tensorrt as trt
+    else:
+        trt = trt_module
     floats = (trt.float32, trt.float16)
     infos = []
     for i in range(network.num_layers):
@@ -268,7 +282,11 @@ def _layer_infos(trt, network) -> list[LayerInfo]:
     return infos
 
 
-def _pin_fp32(trt, network, names: set[str]) -> None:
+def _pin_fp32(trt_module: Any, network: tensorrt.INetworkDefinition, names: set[str]) -> None:
+    if TYPE_CHECKING:
+        import tensorrt as trt
+    else:
+        trt = trt_module
     for i in range(network.num_layers):
         layer = network.get_layer(i)
         if layer.name in names:
