@@ -393,8 +393,8 @@ class TensorRTBackend:
             import tensorrt as trt
         else:
             trt = self.trt
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
+        self._logger: tensorrt.Logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime: tensorrt.Runtime = trt.Runtime(self._logger)
         self._engines: list[TensorRTEngine] = []
 
     def load(self, engine_dir: Path, manifest: Manifest, components: tuple[str, ...]) -> dict[str, TensorRTEngine]:
@@ -439,7 +439,8 @@ class TensorRTBackend:
             import tensorrt as trt
         else:
             trt = self.trt
-        context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        context: tensorrt.IExecutionContext | None = engine.create_execution_context(
+            trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         if context is None:
             raise RuntimeError("TensorRT could not create an execution context (out of host or device memory)")
         self.activation.attach(context, engine.device_memory_size_v2)
@@ -462,7 +463,7 @@ class TensorRTBackend:
         return wrapped
 
     def _deserialize(self, path: Path, engine_dir: Path) -> tensorrt.ICudaEngine:
-        engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+        engine: tensorrt.ICudaEngine | None = self._runtime.deserialize_cuda_engine(path.read_bytes())
         if engine is None:
             raise EngineDirError(f"TensorRT {self.host.tensorrt_version} could not load {path.name} (corrupt, or "
                                  f"built by another TensorRT): rebuild with `{rebuild_command(engine_dir)}`")

@@ -204,8 +204,8 @@ class _Builder:
         else:
             trt = trt_module  # TensorRT, or the test fake of its builder API
         self.trt = trt_module
-        self.logger = trt.Logger(trt.Logger.WARNING)
-        self.builder = trt.Builder(self.logger)
+        self.logger: tensorrt.Logger = trt.Logger(trt.Logger.WARNING)
+        self.builder: tensorrt.Builder = trt.Builder(self.logger)
         self.optimization_level = optimization_level
         self.cache_path = engine_dir / timing_cache if timing_cache else None
         self.cache_bytes = self.cache_path.read_bytes() if self.cache_path and self.cache_path.is_file() else b""
@@ -216,8 +216,8 @@ class _Builder:
             import tensorrt as trt
         else:
             trt = self.trt
-        network = self.builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
-        parser = trt.OnnxParser(network, self.logger)
+        network: tensorrt.INetworkDefinition = self.builder.create_network(0)  # TensorRT 10: explicit batch only
+        parser: tensorrt.OnnxParser = trt.OnnxParser(network, self.logger)
         if not parser.parse_from_file(str(onnx_path)):  # resolves external data (unet.onnx.data) next to it
             errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
             raise EngineBuildError(f"TensorRT could not parse {onnx_path.name}: {errors[0] if errors else '?'}"
@@ -238,13 +238,13 @@ class _Builder:
                 _pin_fp32(trt, network, set(fp32_layers))
                 config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
                 config.clear_flag(trt.BuilderFlag.TF32)  # pinned for accuracy: no 10-bit-mantissa MatMul inputs
-        optimization_profile = self.builder.create_optimization_profile()
+        optimization_profile: tensorrt.IOptimizationProfile = self.builder.create_optimization_profile()
         for name, corners in profile.items():
             optimization_profile.set_shape(name, tuple(corners["min"]), tuple(corners["opt"]), tuple(corners["max"]))
         if config.add_optimization_profile(optimization_profile) < 0:  # -1: TensorRT rejected the profile
             raise EngineBuildError(f"TensorRT rejected the optimization profile {dict(profile)} for "
                                    f"{onnx_path.name} (see its log above); re-export the engine directory")
-        cache = None
+        cache: tensorrt.ITimingCache | None = None
         if self.cache_path is not None:
             # A blob TensorRT cannot read (another TensorRT version, a truncated file) may come back as None; a cache
             # from another GPU is refused by set_timing_cache (False with ignore_mismatch=False): start afresh.
@@ -253,7 +253,7 @@ class _Builder:
                 cache = config.create_timing_cache(b"")
                 config.set_timing_cache(cache, ignore_mismatch=False)
 
-        serialized = self.builder.build_serialized_network(network, config)
+        serialized: tensorrt.IHostMemory | None = self.builder.build_serialized_network(network, config)
         if serialized is None:
             raise EngineBuildError(f"TensorRT failed to build {plan_path.name} (see its log above); out of GPU "
                                    f"memory is the usual cause: lower --max-size/--max-batch or build with --static")
@@ -274,7 +274,7 @@ def _layer_infos(trt_module: Any, network: tensorrt.INetworkDefinition) -> list[
     floats = (trt.float32, trt.float16)
     infos = []
     for i in range(network.num_layers):
-        layer = network.get_layer(i)
+        layer: tensorrt.ILayer = network.get_layer(i)
         inputs = [layer.get_input(j) for j in range(layer.num_inputs)]
         outputs = [layer.get_output(j) for j in range(layer.num_outputs)]
         infos.append(LayerInfo(layer.name, layer.type.name, tuple(t.name for t in inputs if t is not None),
@@ -288,7 +288,7 @@ def _pin_fp32(trt_module: Any, network: tensorrt.INetworkDefinition, names: set[
     else:
         trt = trt_module
     for i in range(network.num_layers):
-        layer = network.get_layer(i)
+        layer: tensorrt.ILayer = network.get_layer(i)
         if layer.name in names:
             layer.precision = trt.float32
             for j in range(layer.num_outputs):
