@@ -63,7 +63,7 @@ def test_activation_growth_out_of_memory_keeps_the_old_block_and_the_graphs(sim)
     activation = backend.activation
     old_ptr, old_size, old_generation = activation._block.ptr, activation.size, activation.generation
     old_block = weakref.ref(activation._block)
-    assert old_size == 5120  # the UNet's 5000 bytes, 256-rounded; the fp16 decoder needs 3000
+    assert old_size == 5000  # the UNet's need; the fp16 decoder needs 3000
     latent = {"latent": np.full((1, 4, 8, 8), 0.25, np.float32)}
 
     sim.cp.out_of_memory = True
@@ -71,8 +71,8 @@ def test_activation_growth_out_of_memory_keeps_the_old_block_and_the_graphs(sim)
             pytest.raises(trt_backend.ActivationMemoryError) as info:
         vae.infer(latent)  # the fp16 plan overflows; its fp32 fallback needs 12000 bytes
     message = str(info.value)
-    assert message == ("TensorRT activation memory could not grow to 12032 bytes (SimOutOfMemoryError; keeping the "
-                       "current 5120 bytes): free GPU memory, or re-export with smaller --max-size/--max-batch")
+    assert message == ("TensorRT activation memory could not grow to 12000 bytes (SimOutOfMemoryError; keeping the "
+                       "current 5000 bytes): free GPU memory, or re-export with smaller --max-size/--max-batch")
     assert (backend.activation.size, backend.activation.generation) == (old_size, old_generation)
     assert old_block() is not None and sim.cp.live[old_ptr] == old_size  # the old block was not released
     assert {c.memory for e in sim.trt.deserialized for c in e.contexts} == {(old_ptr, old_size)}
@@ -82,10 +82,10 @@ def test_activation_growth_out_of_memory_keeps_the_old_block_and_the_graphs(sim)
     sim.cp.out_of_memory = False
     with pytest.warns(RuntimeWarning, match="switching"):
         assert np.all(vae.infer(latent)["images"] == 0.25)  # the fp32 plan, on a grown block
-    assert backend.activation.size == 12032 and backend.activation.generation == old_generation + 1
+    assert backend.activation.size == 12000 and backend.activation.generation == old_generation + 1
     assert old_block() is None  # released after every context was re-pointed
     new_ptr = backend.activation._block.ptr
-    assert {c.memory for e in sim.trt.deserialized for c in e.contexts} == {(new_ptr, 12032)}
+    assert {c.memory for e in sim.trt.deserialized for c in e.contexts} == {(new_ptr, 12000)}
     # the UNet's graph baked in the old address: dropped and recaptured, never replayed on freed memory
     assert [_check_unet(unet, seed) for seed in range(5, 8)] == ["plain", "captured", "replayed"]
 
@@ -178,16 +178,16 @@ def _engine(name="unet", **kw):
 def test_r1_device_memory_alignment_size_and_liveness():
     engine, cp = _engine()
     context = engine.create_execution_context("USER_MANAGED")
-    block = cp.cuda.alloc(5120)
-    context.set_device_memory(block.ptr, 5120)
+    block = cp.cuda.alloc(5000)
+    context.set_device_memory(block.ptr, 5000)
     for ptr, size, needle in ((block.ptr + 8, 5000, "not 256-byte aligned"), (block.ptr, 4864, "the engine needs"),
-                              (block.ptr + 256, 5120, "not a live block")):
+                              (block.ptr + 256, 5000, "not a live block")):
         with pytest.raises(SimTensorRTError, match=needle):
             context.set_device_memory(ptr, size)
     ptr = block.ptr
     del block  # freed
     with pytest.raises(SimTensorRTError, match="not a live block"):
-        context.set_device_memory(ptr, 5120)
+        context.set_device_memory(ptr, 5000)
 
 
 def test_r2_tensor_addresses_refuse_unknown_names_and_misalignment(sim, monkeypatch):

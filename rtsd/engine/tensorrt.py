@@ -168,7 +168,8 @@ class SharedActivationMemory:
         self._contexts: list[tensorrt.IExecutionContext] = []
 
     def reserve(self, nbytes: int) -> None:
-        nbytes = -(-max(int(nbytes), 256) // 256) * 256  # TensorRT wants a 256-byte multiple (see set_device_memory)
+        # TensorRT's set_device_memory: a 256-byte aligned address (CuPy's blocks are), at least device_memory_size_v2
+        nbytes = max(int(nbytes), 256)
         if nbytes <= self.size:
             return
         self._cp.cuda.Device().synchronize()  # nothing may still run in the old block
