@@ -122,7 +122,8 @@ THREAD_LOCAL_CAPTURE = 1
 def cuda_error_clearer() -> Callable[[], None]:
     """A function that reads and resets the CUDA runtime's pending error (cudaGetLastError), or a no-op where no
     shared CUDA runtime library can be found. CuPy does not wrap cudaGetLastError, so it is called through ctypes on
-    the libcudart that CuPy loaded (dlopen of a loaded soname returns the same library)."""
+    the shared libcudart (dlopen of an already loaded soname returns that library). It clears that runtime's error
+    state only; a library linking the CUDA runtime statically keeps its own. Not yet run on a GPU."""
     import ctypes
 
     for name in ("libcudart.so.13", "libcudart.so.12", "libcudart.so", "cudart64_12.dll"):
