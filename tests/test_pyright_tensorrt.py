@@ -85,7 +85,8 @@ def _pyright(paths: list[Path]) -> list[dict]:
 
 def _where(diagnostic: dict) -> str:
     line = diagnostic["range"]["start"]["line"] + 1
-    return f"{Path(diagnostic['file']).relative_to(ROOT) if diagnostic['file'].startswith(str(ROOT)) else diagnostic['file']}:{line}"
+    path = Path(diagnostic["file"])
+    return f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}:{line}"
 
 
 def test_tensorrt_modules_type_check():

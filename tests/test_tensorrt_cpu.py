@@ -237,7 +237,8 @@ class _FakeBuilderTRT:
     add_optimization_profile for a rejected profile, a bool from set_timing_cache."""
 
     float32, float16 = "FLOAT", "HALF"
-    BuilderFlag = types.SimpleNamespace(FP16="FP16", TF32="TF32", OBEY_PRECISION_CONSTRAINTS="OBEY_PRECISION_CONSTRAINTS",
+    BuilderFlag = types.SimpleNamespace(FP16="FP16", TF32="TF32",
+                                        OBEY_PRECISION_CONSTRAINTS="OBEY_PRECISION_CONSTRAINTS",
                                         PREFER_PRECISION_CONSTRAINTS="PREFER_PRECISION_CONSTRAINTS")
     Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, min_severity: None})
 

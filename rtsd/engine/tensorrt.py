@@ -234,7 +234,8 @@ class TensorRTEngine:
             raise EngineDirError(f"{name}.plan has I/O tensors of type {kinds}, which NumPy/CuPy cannot hold: "
                                  f"rebuild with `{rebuild_command(engine_dir)}`") from None
         self.profile: dict[str, dict[str, tuple[int, ...]]] = {
-            n: {corner: dims_tuple(d) for corner, d in zip(("min", "opt", "max"), engine.get_tensor_profile_shape(n, 0))}
+            n: {corner: dims_tuple(dims)
+                for corner, dims in zip(("min", "opt", "max"), engine.get_tensor_profile_shape(n, 0))}
             for n in self._inputs}
         self._buffers = GrowOnlyBuffers(self.xp)
         self._slots: OrderedDict[Any, _Slot] = OrderedDict()
