@@ -29,9 +29,9 @@ is NvInferRuntime.h:
 - R4 activation memory differs per plan: an fp32 plan needs more than its fp16 twin (``device_memory_size_v2`` is
   per engine), so loading the fp32 VAE fallback grows the shared block.
 - R5 the first run of a context at new input shapes does lazy work that is not capturable: an enqueue at unflushed
-  shapes on a capturing stream invalidates the capture (header, the note on enqueueV3 (enqueueV2 in older headers):
-  "If dynamic shapes are used, the first enqueue call after a setInputShape() call will cause failure in stream
-  capture due to resource allocation. Please call enqueue once before capturing the graph.").
+  shapes on a capturing stream invalidates the capture (header, the known-issue note on enqueueV2/enqueueV3: with
+  dynamic shapes the first enqueue after setting input shapes fails stream capture because of resource allocation;
+  call it once before capturing the graph).
 - R6 injected failures: ``execute_async_v3`` returning False (``SimEngine.fail_execute``), a capture that cannot
   end (``SimStream.fail_capture``), device memory that cannot be allocated (``SimCupy.out_of_memory``).
 - R7 ``trt.nptype`` raises TypeError for bfloat16/fp8 (TensorRT's python/tensorrt/__init__.py: "fp8 and bfloat16
