@@ -14,6 +14,32 @@ Two launchers run the enqueued work:
 
 The stand-in functions (``COMPUTE``) are written once against an array module and write into their outputs in place;
 the UNet's allocates nothing, as work under CUDA-graph capture must.
+
+The stand-in is as strict as TensorRT where rtsd could get a call wrong. Each rule names what it mirrors; "API" is
+TensorRT 10.13's Python API documentation (the bindings' docstrings, as shipped in ``tensorrt-stubs``), "header"
+is NvInferRuntime.h:
+- R1 ``set_device_memory(memory, size)``: memory 256-byte aligned, size at least the engine's
+  ``device_memory_size_v2`` (API, IExecutionContext.set_device_memory), and the block must be alive (undefined
+  behaviour otherwise: here an error).
+- R2 ``set_tensor_address``: False for a name that is not an I/O tensor of the engine, False for an address without
+  256-byte alignment (header, setTensorAddress: "Return false if the provided name does not map to an input or
+  output tensor", "The pointer must have at least 256-byte alignment").
+- R3 ``set_input_shape``: False for an unknown name, an output, or a shape outside the profile; ``get_tensor_shape``
+  of an unknown name gives no shape (API: returns Dims of -1s; here an error, rtsd never asks).
+- R4 activation memory differs per plan: an fp32 plan needs more than its fp16 twin (``device_memory_size_v2`` is
+  per engine), so loading the fp32 VAE fallback grows the shared block.
+- R5 the first run of a context at new input shapes does lazy work that is not capturable: an enqueue at unflushed
+  shapes on a capturing stream invalidates the capture (header, the known-issue note on enqueueV2/enqueueV3: with
+  dynamic shapes the first enqueue after setting input shapes fails stream capture because of resource allocation;
+  call it once before capturing the graph).
+- R6 injected failures: ``execute_async_v3`` returning False (``SimEngine.fail_execute``), a capture that cannot
+  end (``SimStream.fail_capture``), device memory that cannot be allocated (``SimCupy.out_of_memory``).
+- R7 ``trt.nptype`` raises TypeError for bfloat16/fp8 (TensorRT's python/tensorrt/__init__.py: "fp8 and bfloat16
+  have no equivalent numpy type").
+- R8 capture mode: ``begin_capture`` must be given a mode, as trtexec captures thread-local
+  (cudaStreamCaptureModeThreadLocal); a capture that was invalidated fails at ``end_capture``.
+- R9 (builder fake in test_tensorrt_cpu.py) OBEY_PRECISION_CONSTRAINTS: "Require that layers execute in specified
+  precisions. Build fails otherwise." (API, BuilderFlag); TF32 "Enabled by default".
 """
 
 from __future__ import annotations
@@ -21,6 +47,7 @@ from __future__ import annotations
 import ctypes
 import math
 import types
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -92,18 +119,33 @@ MODEL_LIKE = {"text_encoder": _text_model, "unet": _unet_model, "vae_decoder": _
 # ---------------------------------------------------------------- launchers: where "device" memory and streams live
 
 class FakeStream:
-    """CUDA stream capture semantics: work issued while capturing is recorded, not run, until the graph launches."""
+    """CUDA stream capture semantics: work issued while capturing is recorded, not run, until the graph launches.
+
+    R8: ``begin_capture`` needs an explicit mode (``capture_modes`` keeps them); a capture that something invalidated
+    (``invalidate``: R5's lazy work, a failing enqueue) or that ``fail_capture`` breaks raises at ``end_capture``,
+    after which the stream is usable again, as with cudaStreamEndCapture."""
 
     def __init__(self, fail_capture=False):
         self.capturing, self.recorded, self.fail_capture, self.launched = False, None, fail_capture, 0
+        self.capture_modes, self.invalidated = [], None
 
-    def begin_capture(self):
-        self.capturing, self.recorded = True, []
+    def begin_capture(self, *, mode):
+        if self.capturing:
+            raise RuntimeError("cudaErrorIllegalState: the stream is already capturing")
+        self.capturing, self.recorded, self.invalidated = True, [], None
+        self.capture_modes.append(mode)
+
+    def invalidate(self, why):
+        self.invalidated = self.invalidated or why
 
     def end_capture(self):
+        if not self.capturing:
+            raise RuntimeError("cudaErrorIllegalState: the stream is not capturing")
         self.capturing = False
         if self.fail_capture:
             raise RuntimeError("operation not permitted when stream is capturing")
+        if self.invalidated:
+            raise RuntimeError(f"cudaErrorStreamCaptureInvalidated: {self.invalidated}")
         work = self.recorded
 
         def launch(stream=None):
@@ -143,7 +185,12 @@ class SimStream(FakeStream):
 
 
 class DevArray(np.ndarray):
-    """A host array with CuPy's .set/.get."""
+    """A host array with CuPy's .set/.get (``memory``: the SimMemory it lives in, when allocated by SimCupy.empty)."""
+
+    memory = None
+
+    def __array_finalize__(self, obj):
+        self.memory = getattr(obj, "memory", None)  # views keep the block alive too
 
     def set(self, host, stream=None):
         self[...] = host
@@ -152,8 +199,29 @@ class DevArray(np.ndarray):
         return np.array(self)
 
 
+class SimOutOfMemoryError(MemoryError):
+    """Stands in for cupy.cuda.memory.OutOfMemoryError."""
+
+
+class SimMemory:
+    """A device block (CuPy's MemoryPointer): ``ptr`` is valid while this object lives; dropping it frees it."""
+
+    ALIGN = 512  # CuPy's pool hands out 512-byte aligned blocks
+
+    def __init__(self, cupy, nbytes):
+        raw = np.zeros(nbytes + self.ALIGN, np.uint8)
+        start = -raw.ctypes.data % self.ALIGN
+        self.array = raw[start:start + nbytes]
+        self.ptr, self.size = self.array.ctypes.data, nbytes
+        cupy.live[self.ptr] = nbytes
+        weakref.finalize(self, cupy.live.pop, self.ptr, None)
+
+
 class SimCupy:
-    """The CuPy surface the backend and the runtime loop use, over host memory."""
+    """The CuPy surface the backend and the runtime loop use, over host memory.
+
+    ``live`` maps the address of every block not yet freed to its size (R1: contexts must point at live memory);
+    ``out_of_memory`` makes the next ``cuda.alloc`` calls (the activation block) fail (R6)."""
 
     uint8, float32 = np.uint8, np.float32
     isfinite = staticmethod(np.isfinite)
@@ -161,19 +229,23 @@ class SimCupy:
 
     def __init__(self):
         default = SimStream()
-        self.blocks = []
+        self.blocks, self.live, self.out_of_memory = [], {}, False
         self.cuda = types.SimpleNamespace(
             Stream=SimStream, get_current_stream=lambda: default, alloc=self._alloc,
             Device=lambda i=0: types.SimpleNamespace(use=lambda: None, synchronize=lambda: None))
 
     def _alloc(self, nbytes):
-        block = np.zeros(nbytes, np.uint8)
-        self.blocks.append(block)
-        return types.SimpleNamespace(ptr=block.ctypes.data)
+        if self.out_of_memory:
+            raise SimOutOfMemoryError(f"Out of memory allocating {nbytes:,} bytes")
+        block = SimMemory(self, nbytes)
+        self.blocks.append(weakref.ref(block))
+        return block
 
-    @staticmethod
-    def empty(n, dtype):
-        return np.empty(n, dtype).view(DevArray)
+    def empty(self, n, dtype):
+        block = SimMemory(self, n * np.dtype(dtype).itemsize)
+        array = block.array.view(dtype).view(DevArray)
+        array.memory = block  # the array keeps its block alive, as a CuPy array keeps its MemoryPointer
+        return array
 
     @staticmethod
     def asarray(array):
@@ -211,50 +283,88 @@ def cuda_launcher(cupy):
 
 # ---------------------------------------------------------------- the TensorRT API surface
 
+ALIGNMENT = 256  # R1, R2
+
+
 class SimContext:
     def __init__(self, engine):
         self.engine, self.shapes, self.addresses, self.memory = engine, {}, {}, None
+        self.flushed = None  # R5: the input shapes the last run was at
 
-    def set_device_memory(self, ptr, size):
-        self.memory = (ptr, size)
+    def set_device_memory(self, memory, size):  # R1
+        live = self.engine.cupy.live if self.engine.cupy is not None else None
+        if memory % ALIGNMENT:
+            raise SimTensorRTError(f"set_device_memory: {memory:#x} is not 256-byte aligned")
+        if size < self.engine.device_memory_size_v2:
+            raise SimTensorRTError(f"set_device_memory: {size} bytes, the engine needs "
+                                   f"{self.engine.device_memory_size_v2}")
+        if live is not None and live.get(memory, -1) < size:
+            raise SimTensorRTError(f"set_device_memory: {memory:#x} is not a live block of {size} bytes")
+        self.memory = (memory, size)
 
-    def set_input_shape(self, name, shape):
-        corners = self.engine.profile[name]
+    def set_input_shape(self, name, shape):  # R3
+        corners = self.engine.profile.get(name)
+        if corners is None or len(shape) != len(corners["min"]):
+            return False
         self.shapes[name] = tuple(shape)
         return all(lo <= v <= hi for v, lo, hi in zip(shape, corners["min"], corners["max"]))
 
     def get_tensor_shape(self, name):
+        if name not in self.engine.names:
+            raise SimTensorRTError(f"get_tensor_shape: no tensor named {name!r}")
         rows, h, w = request_size(self.engine.spec, self.shapes)
         return self.engine.spec.shapes(rows, h or 8, w or 8)[name]
 
-    def set_tensor_address(self, name, address):
+    def set_tensor_address(self, name, address):  # R2
+        if name not in self.engine.names or address % ALIGNMENT:
+            return False
         self.addresses[name] = address
         return True
 
-    def execute_async_v3(self, stream_ptr):
-        assert self.memory is not None, "a context ran without activation memory"
+    def execute_async_v3(self, stream_handle):
         engine = self.engine
+        assert self.memory is not None, "a context ran without activation memory"
+        missing = [n for n in engine.names if n not in self.addresses]
+        if missing or engine.fail_execute:  # R6 (and TensorRT refuses to run with unbound tensors)
+            return False
         engine.launches += 1
-        spec, shapes, addresses = engine.spec, dict(self.shapes), dict(self.addresses)
+        spec, shapes, addresses, memory = engine.spec, dict(self.shapes), dict(self.addresses), self.memory
         out_shapes = {t.name: self.get_tensor_shape(t.name) for t in spec.outputs}
+        stream = SimStream.streams.get(stream_handle)
+        key = tuple(sorted(shapes.items()))
+        if self.flushed != key:  # R5: lazy shape-dependent work on the first run at these shapes
+            if stream is not None and stream.capturing:
+                stream.invalidate(f"{engine.name}: first enqueue at new shapes ran deferred updates under capture")
+                return False
+            self.flushed = key
+        live = engine.cupy.live if engine.cupy is not None else None
 
         def work(xp, at):  # addresses and shapes baked at enqueue time, like a captured kernel's parameters
+            if live is not None and live.get(memory[0], -1) < memory[1]:  # R1: never run on freed memory
+                raise SimTensorRTError(f"{engine.name}: ran on freed activation memory {memory[0]:#x}")
             engine.runs += 1
             inputs = {t.name: at(addresses[t.name], shapes[t.name], t.dtype) for t in spec.inputs}
             outputs = {t.name: at(addresses[t.name], out_shapes[t.name], t.dtype) for t in spec.outputs}
             engine.compute(xp, inputs, outputs, overflow=engine.overflow)
-        engine.launch(stream_ptr, work)
+        engine.launch(stream_handle, work)
         return True
+
+
+class SimTensorRTError(AssertionError):
+    """A call real TensorRT would refuse or that is undefined behaviour there (a test failure, never caught)."""
 
 
 class SimEngine:
     ACTIVATION_BYTES = {"text_encoder": 1000, "unet": 5000, "vae_decoder": 3000, "vae_encoder": 2000}
+    FP32_FACTOR = 4  # R4: an fp32 plan of the same network needs more activation memory (here more than the UNet)
 
-    def __init__(self, name, spec, shape_range, compute, launch, overflow=False):
+    def __init__(self, name, spec, shape_range, compute, launch, overflow=False, precision="fp16", cupy=None,
+                 io_dtype=None):
         self.name, self.spec, self.compute, self.launch, self.overflow = name, spec, compute, launch, overflow
+        self.cupy, self.io_dtype, self.fail_execute = cupy, io_dtype, False
         self.launches, self.runs, self.contexts = 0, 0, []
         self.profile = {n: {k: tuple(v) for k, v in c.items()} for n, c in engine_profile(spec, shape_range).items()}
-        self.device_memory_size_v2 = self.ACTIVATION_BYTES[name]
+        self.device_memory_size_v2 = self.ACTIVATION_BYTES[name] * (self.FP32_FACTOR if precision == "fp32" else 1)
         self.names = [t.name for t in spec.inputs + spec.outputs]
         self.num_io_tensors = len(self.names)
 
@@ -265,6 +375,8 @@ class SimEngine:
         return "in" if name in self.profile else "out"
 
     def get_tensor_dtype(self, name):
+        if self.io_dtype is not None:
+            return self.io_dtype
         return next(np.dtype(t.dtype) for t in self.spec.inputs + self.spec.outputs if t.name == name)
 
     def get_tensor_profile_shape(self, name, index):
@@ -276,15 +388,20 @@ class SimEngine:
         return self.contexts[-1]
 
 
+NO_NUMPY_TYPE = ("BF16", "FP8")  # R7
+
+
 class SimTensorRT:
-    """The ``tensorrt`` module as the backend sees it; a plan file's text says which engine it is ("unet:ok")."""
+    """The ``tensorrt`` module as the backend sees it; a plan file's text says which engine it is ("unet:ok";
+    kinds: ok, overflow, corrupt, fp32 (an fp32 plan: more activation memory), bf16io / fp8io (I/O tensors of a type
+    without a NumPy equivalent))."""
 
     __version__ = SIM_TENSORRT_VERSION
     TensorIOMode = types.SimpleNamespace(INPUT="in", OUTPUT="out")
     ExecutionContextAllocationStrategy = types.SimpleNamespace(USER_MANAGED="USER_MANAGED")
     Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
 
-    def __init__(self, config, shape_range, compute=None, launch=None):
+    def __init__(self, config, shape_range, compute=None, launch=None, cupy=None):
         self.deserialized = []
         specs, compute, launch = specs_for(config), compute or BOOKKEEPING, launch or cpu_launcher()
         sim = self
@@ -297,13 +414,18 @@ class SimTensorRT:
                 name, _, kind = data.decode().partition(":")
                 if kind == "corrupt":
                     return None
+                io_dtype = {"bf16io": "BF16", "fp8io": "FP8"}.get(kind)
                 sim.deserialized.append(SimEngine(name, specs[name], shape_range, compute[name], launch,
-                                                  overflow=kind == "overflow"))
+                                                  overflow=kind == "overflow", cupy=cupy, io_dtype=io_dtype,
+                                                  precision="fp32" if kind == "fp32" else "fp16"))
                 return sim.deserialized[-1]
         self.Runtime = Runtime
+        self.Builder = lambda logger: None  # never called by the runtime; there so the module looks like TensorRT
 
     @staticmethod
-    def nptype(dtype):
+    def nptype(dtype):  # R7
+        if dtype in NO_NUMPY_TYPE:
+            raise TypeError("Could not resolve TensorRT datatype to an equivalent numpy datatype.")
         return dtype
 
 
@@ -316,7 +438,7 @@ def sim_manifest(config, shape_range: ShapeRange, gpu: str, capability: str, *, 
         record = {"file": f"{name}.plan", "precision": "fp16", "tensorrt_version": SIM_TENSORRT_VERSION, "gpu": gpu,
                   "compute_capability": capability, "onnx_sha256": "a" * 64, "static": False, "fallback": None}
         if name in fallback:
-            plans[f"{name}.fp32.plan"] = f"{name}:ok"
+            plans[f"{name}.fp32.plan"] = f"{name}:fp32"
             record["fallback"] = {"file": f"{name}.fp32.plan", "precision": "fp32"}
         components[name] = {"io": specs[name].to_dict(), "onnx": {"file": f"{name}.onnx", "sha256": "a" * 64},
                             "engines": {"tensorrt": record}}

@@ -71,12 +71,29 @@ def _profile(component, range_, static=False):
 
 
 @pytest.mark.parametrize("rows,size", [(1, 256), (2, 512), (8, 1024), (5, 640)])
-def test_requests_inside_the_profile_pass(rows, size):
+def test_requests_inside_the_profile_pass_and_one_step_outside_fails(rows, size):
+    """Inside the profile (its corners included) no axis is reported and check_profile accepts; the same request one
+    latent step (8 px) past the max size, below the min size, or one row past the max batch is refused."""
+    from rtsd.engine.tensorrt import outside_profile
+
     r = ShapeRange(min_size=256, max_size=1024, max_batch=4)
     for component in COMPONENTS:
-        spec = SPECS[component]
-        shapes = {t.name: spec.shapes(min(rows, 4 * spec.batch_factor), size, size)[t.name] for t in spec.inputs}
-        check_profile(spec, shapes, _profile(component, r))
+        spec, profile = SPECS[component], _profile(component, r)
+        max_rows = 4 * spec.batch_factor
+
+        def shapes(n, px):
+            return {t.name: spec.shapes(n, px, px)[t.name] for t in spec.inputs}
+
+        inside = shapes(min(rows, max_rows), size)
+        assert outside_profile(inside, profile) == [], (component, inside)
+        assert check_profile(spec, inside, profile) is None
+        outside = [shapes(max_rows + 1, size)]
+        if component != "text_encoder":  # its only dynamic axis is the batch
+            outside += [shapes(min(rows, max_rows), 1024 + 8), shapes(min(rows, max_rows), 256 - 8)]
+        for request in outside:
+            assert outside_profile(request, profile), (component, request)
+            with pytest.raises(ValueError, match=f"^{component}: .* is outside the TensorRT engine"):
+                check_profile(spec, request, profile)
 
 
 def test_request_size_and_ranges_are_in_user_terms():
@@ -197,12 +214,14 @@ ATTENTION = [
 ]
 
 
-def test_norms_and_float_reductions_are_pinned_everywhere():
-    assert fp32_layer_names(ATTENTION, "unet") == ["norm", "mean"]
+def test_norms_and_reductions_are_left_to_tensorrt_outside_the_vae_attention():
+    """TensorRT computes normalization in fp32 by default; pinning them only adds reformats (docs/tensorrt.md)."""
+    assert fp32_layer_names(ATTENTION, "unet") == []
+    assert fp32_layer_names(ATTENTION, "text_encoder") == []
 
 
-def test_vae_decoder_also_pins_the_attention_logits_path():
-    assert fp32_layer_names(ATTENTION, "vae_decoder") == ["norm", "mean", "softmax", "scale", "qk"]
+def test_vae_decoder_pins_only_the_attention_logits_path():
+    assert fp32_layer_names(ATTENTION, "vae_decoder") == ["softmax", "scale", "qk"]
 
 
 def test_softmax_whose_logits_do_not_come_from_a_matmul_pins_only_itself():
@@ -218,10 +237,12 @@ class _FakeBuilderTRT:
     add_optimization_profile for a rejected profile, a bool from set_timing_cache."""
 
     float32, float16 = "FLOAT", "HALF"
-    BuilderFlag = types.SimpleNamespace(FP16="FP16", OBEY_PRECISION_CONSTRAINTS="OBEY_PRECISION_CONSTRAINTS")
+    BuilderFlag = types.SimpleNamespace(FP16="FP16", TF32="TF32",
+                                        OBEY_PRECISION_CONSTRAINTS="OBEY_PRECISION_CONSTRAINTS",
+                                        PREFER_PRECISION_CONSTRAINTS="PREFER_PRECISION_CONSTRAINTS")
     Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, min_severity: None})
 
-    def __init__(self, layers, inputs, *, profile_index=0, plan=b"plan", readable_cache=True):
+    def __init__(self, layers, inputs, *, profile_index=0, plan=b"plan", readable_cache=True, no_fp32_tactic=()):
         fake = self
         self.configs, self.profiles = [], []
 
@@ -250,11 +271,15 @@ class _FakeBuilderTRT:
 
         class Config:
             def __init__(self):
-                self.flags, self.builder_optimization_level, self.cache = set(), None, None
+                # R9: TF32 is "Enabled by default" (BuilderFlag docs)
+                self.flags, self.builder_optimization_level, self.cache = {"TF32"}, None, None
                 fake.configs.append(self)
 
             def set_flag(self, flag):
                 self.flags.add(flag)
+
+            def clear_flag(self, flag):
+                self.flags.discard(flag)
 
             def add_optimization_profile(self, profile):
                 return profile_index
@@ -290,6 +315,11 @@ class _FakeBuilderTRT:
                 return fake.profiles[-1]
 
             def build_serialized_network(self, network, config):
+                # R9: OBEY_PRECISION_CONSTRAINTS "Require that layers execute in specified precisions. Build fails
+                # otherwise." A layer pinned to fp32 that has no fp32 implementation fails the whole build.
+                if "OBEY_PRECISION_CONSTRAINTS" in config.flags and any(
+                        layer.precision == fake.float32 and layer.type.name in no_fp32_tactic for layer in fake.layers):
+                    return None
                 return plan
 
         class OnnxParser:
@@ -322,9 +352,9 @@ def test_builder_pins_fp32_layers_sets_the_profile_and_keeps_the_timing_cache(tm
                                                               profile)
     config = trt.configs[0]
     assert config.flags == {"FP16", "OBEY_PRECISION_CONSTRAINTS"} and config.builder_optimization_level == 4
-    assert record["fp32_layers"] == ["norm", "softmax", "sq", "qk"]
+    assert record["fp32_layers"] == ["softmax", "sq", "qk"]
     pinned = {layer.name: (layer.precision, layer.output_types) for layer in trt.layers}
-    assert pinned["qk"] == ("FLOAT", {0: "FLOAT"}) and pinned["conv"] == (None, {})
+    assert pinned["qk"] == ("FLOAT", {0: "FLOAT"}) and pinned["conv"] == (None, {}) and pinned["norm"] == (None, {})
     assert trt.profiles[0] == {"latent": tuple(tuple(profile["latent"][c]) for c in ("min", "opt", "max"))}
     assert (tmp_path / "vae_decoder.plan").read_bytes() == b"plan"
     kept = cache_blob if cache_blob == b"readable" else b""
@@ -342,6 +372,35 @@ def test_builder_failures_are_engine_build_errors(tmp_path, failure, needle):
                                                tmp_path / "vae_decoder.plan", "vae_decoder", "fp16",
                                                engine_profile(SPECS["vae_decoder"], ShapeRange()))
     assert not (tmp_path / "vae_decoder.plan").exists()
+
+
+def _build(tmp_path, trt, component="vae_decoder"):
+    from rtsd.export.tensorrt import _Builder
+
+    return _Builder(trt, tmp_path, 3, None).build(tmp_path / f"{component}.onnx", SPECS[component],
+                                                  tmp_path / f"{component}.plan", component, "fp16",
+                                                  engine_profile(SPECS[component], ShapeRange()))
+
+
+def test_r9_obey_fails_the_build_when_a_pinned_layer_has_no_fp32_tactic(tmp_path):
+    """The fake is strict (OBEY: "Build fails otherwise"): pinning a layer without an fp32 implementation fails."""
+    from rtsd.export.tensorrt import EngineBuildError
+
+    with pytest.raises(EngineBuildError, match="failed to build vae_decoder.plan"):
+        _build(tmp_path, _FakeBuilderTRT(_DECODER_LAYERS, ["latent"], no_fp32_tactic=("SOFTMAX",)))
+
+
+def test_normalization_layers_are_not_pinned_so_they_cannot_fail_an_obey_build(tmp_path):
+    """Under the old policy a GroupNorm without an fp32 tactic would have failed the VAE build; now it is not pinned,
+    TF32 is cleared where layers are pinned for accuracy, and a UNet (nothing pinned) keeps TensorRT's defaults."""
+    trt = _FakeBuilderTRT(_DECODER_LAYERS, ["latent"], no_fp32_tactic=("NORMALIZATION",))
+    assert _build(tmp_path, trt)["fp32_layers"] == ["softmax", "sq", "qk"]
+    assert "TF32" not in trt.configs[0].flags and "OBEY_PRECISION_CONSTRAINTS" in trt.configs[0].flags
+    unet_layers = [("norm", "NORMALIZATION", ["sample"], ["n"]), ("qk", "MATRIX_MULTIPLY", ["n", "n"], ["qk"]),
+                   ("softmax", "SOFTMAX", ["qk"], ["model_output"])]
+    trt = _FakeBuilderTRT(unet_layers, ["sample", "timestep", "encoder_hidden_states"])
+    assert _build(tmp_path, trt, "unet")["fp32_layers"] == []
+    assert trt.configs[0].flags == {"FP16", "TF32"} and all(layer.precision is None for layer in trt.layers)
 
 
 # ---------------------------------------------------------------- the exported ONNX graphs vs TensorRT 10's parser
@@ -423,10 +482,14 @@ def test_vae_decoder_attention_logits_path_is_found_in_the_real_graph(tiny_onnx)
     softmaxes = [layer for layer in layers if layer.type == "SOFTMAX"]
     assert softmaxes
     assert sum(by_name[name].type == "MATRIX_MULTIPLY" for name in pinned) == len(softmaxes)
-    assert sum(by_name[name].type == "NORMALIZATION" for name in pinned) == \
-        sum(layer.type == "NORMALIZATION" for layer in layers) > 0
+    # only the logits path: no normalization (30 of them in the tiny decoder) and no convolution is pinned
+    assert {by_name[name].type for name in pinned} <= {"SOFTMAX", "MATRIX_MULTIPLY", *_SCORE_PATH}
+    assert sum(layer.type == "NORMALIZATION" for layer in layers) > 0
     unet = _onnx_layers(tiny_onnx["unet"])
-    assert all(layer.type == "NORMALIZATION" for layer in unet if layer.name in fp32_layer_names(unet, "unet"))
+    assert sum(layer.type == "SOFTMAX" for layer in unet) > 0 and fp32_layer_names(unet, "unet") == []
+
+
+_SCORE_PATH = ("ELEMENTWISE", "SCALE", "SHUFFLE", "SQUEEZE", "UNSQUEEZE", "CAST", "UNARY")
 
 
 # ---------------------------------------------------------------- without TensorRT / CuPy / a GPU
@@ -435,6 +498,11 @@ def _fake_module(name, **attrs):
     module = types.ModuleType(name)
     module.__dict__.update(attrs)
     return module
+
+
+def _fake_tensorrt(version):
+    """A module that looks like TensorRT's at import (version, Builder, Runtime, Logger) and does nothing else."""
+    return _fake_module("tensorrt", __version__=version, Builder=object, Runtime=object, Logger=object)
 
 
 def _manifest():
@@ -462,7 +530,7 @@ def test_missing_tensorrt_is_one_line_with_the_install_hint(monkeypatch, tmp_pat
 def test_missing_cupy_old_tensorrt_and_no_gpu_are_named(monkeypatch):
     from rtsd.engine.tensorrt import TensorRTBackend
 
-    monkeypatch.setitem(sys.modules, "tensorrt", _fake_module("tensorrt", __version__="10.8.0.43"))
+    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt("10.8.0.43"))
     monkeypatch.setitem(sys.modules, "cupy", None)
     with pytest.raises(MissingDependencyError, match=r"needs 'cupy-cuda12x', which is not installed: pip install"):
         TensorRTBackend()
@@ -477,7 +545,7 @@ def test_missing_cupy_old_tensorrt_and_no_gpu_are_named(monkeypatch):
         TensorRTBackend()
 
     for version in ("8.6.1", "11.4.0"):
-        monkeypatch.setitem(sys.modules, "tensorrt", _fake_module("tensorrt", __version__=version))
+        monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt(version))
         expected = rf"needs tensorrt>=10.1,<11, this machine has TensorRT {version}: pip install 'tensorrt>=10.1,<11'$"
         with pytest.raises(MissingDependencyError, match=expected):
             TensorRTBackend()
@@ -682,7 +750,8 @@ SIM_RANGE = ShapeRange(min_size=64, max_size=128, opt_size=64, max_batch=2)
 @pytest.fixture
 def sim(monkeypatch, tmp_path):
     """A simulated TensorRT + CuPy and an engine directory whose plans name what the simulator builds."""
-    trt, cp = SimTensorRT(SD15, SIM_RANGE), SimCupy()
+    cp = SimCupy()
+    trt = SimTensorRT(SD15, SIM_RANGE, cupy=cp)
     monkeypatch.setattr(trt_backend, "import_tensorrt", lambda purpose: trt)
     monkeypatch.setattr(trt_backend, "cuda_device", lambda purpose, device=0: (cp, "Sim GPU", "9.0"))
     manifest, plans = sim_manifest(SD15, SIM_RANGE, "Sim GPU", "9.0")
@@ -708,7 +777,7 @@ def test_sim_loads_all_engines_on_one_shared_activation_block(sim):
     engines["vae_decoder"].to_host(engines["vae_encoder"].infer({"images": np.ones((1, 3, 64, 64), np.float32)})[
         "latent"])
     contexts = [c for e in sim.trt.deserialized for c in e.contexts]
-    assert len(contexts) == 3 and {c.memory for c in contexts} == {(sim.cp.blocks[0].ctypes.data, 5000)}
+    assert len(contexts) == 3 and {c.memory for c in contexts} == {(sim.cp.blocks[0]().ptr, 5000)}
 
 
 def test_sim_unet_steps_reuse_buffers_and_replay_one_graph_per_shape(sim):
@@ -797,7 +866,8 @@ def test_sim_non_finite_vae_output_switches_to_the_fp32_plan(sim):
 def test_sim_runtime_loop_through_the_backend_equals_the_host_loop(monkeypatch, tmp_path, request_index):
     """Runtime.generate through TensorRTBackend (buffers, addresses, graphs, the device-side step) gives exactly what
     the same stand-in functions give when called directly in a NumPy loop."""
-    trt, cp = SimTensorRT(SD15, SIM_RANGE, compute=MODEL_LIKE), SimCupy()
+    cp = SimCupy()
+    trt = SimTensorRT(SD15, SIM_RANGE, compute=MODEL_LIKE, cupy=cp)
     monkeypatch.setattr(trt_backend, "import_tensorrt", lambda purpose: trt)
     monkeypatch.setattr(trt_backend, "cuda_device", lambda purpose, device=0: (cp, "Sim GPU", "9.0"))
     write_sim_engine_dir(tmp_path, SD15, SIM_RANGE, "Sim GPU", "9.0", overflow=())

@@ -23,9 +23,10 @@ INSTALL_HINT = "pip install 'rtsd[tensorrt]' (TensorRT 10 and CuPy; needs an NVI
 class GpuDependencyError(MissingDependencyError):
     """A GPU-side package (tensorrt, cupy) is missing; one line with the install command."""
 
-    def __init__(self, package: str, purpose: str, found: str | None = None):
+    def __init__(self, package: str, purpose: str, found: str | None = None, stand_in: str | None = None):
         if found is None:
-            message = f"{purpose} needs '{package}', which is not installed: {INSTALL_HINT}"
+            detail = f" ({stand_in})" if stand_in else ""
+            message = f"{purpose} needs '{package}', which is not installed{detail}: {INSTALL_HINT}"
         else:
             message = f"{purpose} needs {package}, this machine has {found}: pip install '{package}'"
         RtsdError.__init__(self, message)
@@ -43,7 +44,7 @@ class NoCudaDeviceError(MissingDependencyError):
 
 def import_cupy(purpose: str):
     try:
-        import cupy
+        import cupy  # pyright: ignore[reportMissingImports]  (not installed where CI type-checks; imported lazily)
     except ImportError:
         raise GpuDependencyError("cupy-cuda12x", purpose) from None
     return cupy
@@ -113,19 +114,51 @@ class GrowOnlyBuffers:
         self.generation += 1
 
 
+# cudaStreamCaptureModeThreadLocal (driver_types.h: Global 0, ThreadLocal 1, Relaxed 2; CuPy exposes the same value
+# as cupy.cuda.runtime.streamCaptureModeThreadLocal). A literal keeps this module importable without CuPy.
+THREAD_LOCAL_CAPTURE = 1
+
+
+def cuda_error_clearer() -> Callable[[], None]:
+    """A function that reads and resets the CUDA runtime's pending error (cudaGetLastError), or a no-op where no
+    shared CUDA runtime library can be found. CuPy does not wrap cudaGetLastError, so it is called through ctypes on
+    the shared libcudart (dlopen of an already loaded soname returns that library). It clears that runtime's error
+    state only; a library linking the CUDA runtime statically keeps its own. Not yet run on a GPU."""
+    import ctypes
+
+    for name in ("libcudart.so.13", "libcudart.so.12", "libcudart.so", "cudart64_12.dll"):
+        try:
+            get_last_error = ctypes.CDLL(name).cudaGetLastError
+        except (OSError, AttributeError):
+            continue
+        get_last_error.restype = ctypes.c_int
+
+        def clear() -> None:
+            get_last_error()
+        return clear
+    return lambda: None
+
+
 class GraphCache:
     """CUDA graphs of one enqueue function, one per key (the input shapes), captured after a warm-up call.
 
     The first ``warmup_calls`` calls at a key run plainly (TensorRT must run once at new shapes before capture so
     that deferred shape-dependent updates are flushed); the next call captures the enqueue into a graph and launches
     it; later calls only launch. Because graphs are keyed by shape, dynamic-shape engines get one graph per shape in
-    use. A key whose capture fails runs plainly from then on (``failures`` says why). ``stream`` needs
-    ``begin_capture()``, ``end_capture() -> graph`` and ``graph.launch(stream=)``: CuPy's Stream and Graph.
+    use. A key whose capture fails runs plainly from then on (``failures`` says why, until ``clear``).
+
+    Capture is thread-local, as trtexec captures: only this thread is barred from unsafe CUDA calls while it captures
+    (CuPy's default, relaxed, would let another call of this thread such as a cudaMalloc slip by unnoticed; global
+    would fail captures because of unrelated threads). After a failed capture ``clear_error`` is called before the
+    plain run, so a CUDA error left pending by the invalidated capture is not reported by the next, unrelated call.
+    ``stream`` needs ``begin_capture(mode=)``, ``end_capture() -> graph`` and ``graph.launch(stream=)``: CuPy's
+    Stream and Graph.
     """
 
-    def __init__(self, stream, warmup_calls: int = 1):
+    def __init__(self, stream: Any, warmup_calls: int = 1, clear_error: Callable[[], None] | None = None):
         self.stream = stream
         self.warmup_calls = warmup_calls
+        self.clear_error = clear_error or (lambda: None)
         self._graphs: dict[Hashable, Any] = {}
         self._calls: dict[Hashable, int] = defaultdict(int)
         self.failures: dict[Hashable, str] = {}
@@ -144,13 +177,14 @@ class GraphCache:
             enqueue()
             return "plain"
         try:
-            self.stream.begin_capture()
+            self.stream.begin_capture(mode=THREAD_LOCAL_CAPTURE)
             try:
                 enqueue()
             finally:
                 graph = self.stream.end_capture()  # always end, or the stream stays unusable
         except Exception as exc:  # not capturable (e.g. an engine with data-dependent shapes): run plainly
             self.failures[key] = f"{type(exc).__name__}: {exc}"
+            self.clear_error()
             enqueue()
             return "plain"
         self._graphs[key] = graph
@@ -165,9 +199,11 @@ class GraphCache:
         self.failures.pop(key, None)
 
     def clear(self) -> None:
-        """Forget every graph: they bake in buffer addresses, so any buffer reallocation invalidates them."""
+        """Forget every graph: they bake in buffer addresses, so any buffer reallocation invalidates them. Failed
+        captures are forgotten too: a capture that failed at the old addresses is tried again at the new ones."""
         self._graphs.clear()
         self._calls.clear()
+        self.failures.clear()
 
     def __len__(self) -> int:
         return len(self._graphs)

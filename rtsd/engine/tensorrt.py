@@ -25,16 +25,19 @@ import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
 from rtsd.engine.cuda import (EventTimer, GpuDependencyError, GraphCache, GrowOnlyBuffers, cuda_device,
-                              data_pointer, to_host)
+                              cuda_error_clearer, data_pointer, to_host)
 from rtsd.engine.staleness import HostInfo, rebuild_command, stale_message, stale_reasons
-from rtsd.errors import EngineDirError, NonFiniteOutputError
+from rtsd.errors import EngineDirError, NonFiniteOutputError, RtsdError
 from rtsd.export.manifest import Manifest
 from rtsd.export.specs import IOSpec
+
+if TYPE_CHECKING:  # the 10.x type stubs (tensorrt-stubs): pyright checks every TensorRT call against them
+    import tensorrt
 
 MIN_TENSORRT = (10, 1)  # device_memory_size_v2 and set_device_memory(memory, size) arrived in 10.1
 # TensorRT 11 removed weak typing (BuilderFlag.FP16, per-layer precision) that the builder's fp16 policy relies on.
@@ -44,15 +47,26 @@ MAX_GRAPH_SHAPES = 8
 SIZE_STEP = 64  # export flags are suggested in multiples of this (ShapeRange's default size_multiple)
 
 
-def import_tensorrt(purpose: str):
-    """The tensorrt module, checked to be TensorRT >= 10.1; one clear error otherwise."""
+def import_tensorrt(purpose: str) -> Any:
+    """The tensorrt module, checked to be TensorRT >= 10.1; one clear error otherwise.
+
+    A ``tensorrt`` that imports but is not TensorRT counts as missing: with only the type stubs installed
+    (``tensorrt-stubs``, used by the type check), ``import tensorrt`` finds a namespace package with no
+    ``__version__``, no ``Builder`` and no ``Runtime``.
+    """
     try:
         import tensorrt
     except ImportError:
         raise GpuDependencyError("tensorrt", purpose) from None
-    version = tuple(int(p) for p in tensorrt.__version__.split(".")[:2] if p.isdigit())
+    version_text = getattr(tensorrt, "__version__", None)
+    if not isinstance(version_text, str) or not all(callable(getattr(tensorrt, name, None))
+                                                    for name in ("Builder", "Runtime", "Logger")):
+        where = ", ".join(getattr(tensorrt, "__path__", None) or [getattr(tensorrt, "__file__", None) or "a module"])
+        raise GpuDependencyError("tensorrt", purpose, stand_in=f"'import tensorrt' found {where}, which is not "
+                                                               f"TensorRT (only its type stubs?)")
+    version = tuple(int(p) for p in version_text.split(".")[:2] if p.isdigit())
     if not MIN_TENSORRT <= version < BELOW_TENSORRT:
-        raise GpuDependencyError(TENSORRT_REQUIREMENT, purpose, found=f"TensorRT {tensorrt.__version__}")
+        raise GpuDependencyError(TENSORRT_REQUIREMENT, purpose, found=f"TensorRT {version_text}")
     return tensorrt
 
 
@@ -73,7 +87,8 @@ def profile_ranges(spec: IOSpec, profile: Mapping[str, Mapping[str, tuple[int, .
     """The profile in user terms: {"rows": (lo, hi), "height": (lo, hi), "width": (lo, hi)} (pixels)."""
     low = request_size(spec, {name: tuple(c["min"]) for name, c in profile.items()})
     high = request_size(spec, {name: tuple(c["max"]) for name, c in profile.items()})
-    return {key: (lo, hi) for key, lo, hi in zip(("rows", "height", "width"), low, high) if lo is not None}
+    return {key: (lo, hi) for key, lo, hi in zip(("rows", "height", "width"), low, high)
+            if lo is not None and hi is not None}
 
 
 def outside_profile(shapes: Mapping[str, tuple[int, ...]],
@@ -126,34 +141,57 @@ def check_profile(spec: IOSpec, shapes: Mapping[str, tuple[int, ...]],
 
 # ---------------------------------------------------------------- device side
 
-class SharedActivationMemory:
-    """One device block used as activation memory by every execution context (they never run concurrently)."""
+def dims_tuple(dims: tensorrt.Dims) -> tuple[int, ...]:
+    """A TensorRT Dims as a tuple of ints (Dims is a sequence at run time; its stub lacks __iter__)."""
+    return tuple(dims)
 
-    def __init__(self, cupy):
+
+
+class ActivationMemoryError(RtsdError, RuntimeError):
+    """The shared activation block could not grow; the engines already loaded keep the old block and still run."""
+
+
+class SharedActivationMemory:
+    """One device block used as activation memory by every execution context (they never run concurrently).
+
+    Growing is all-or-nothing: the new block is allocated while the old one is still held, then every context is
+    re-pointed and the generation bumped (captured graphs baked in the old address), and only then is the old block
+    released. If the allocation fails, nothing changed: the contexts, ``size`` and captured graphs still refer to
+    the old block, which is still alive, and the caller gets one line saying so.
+    """
+
+    def __init__(self, cupy: Any):
         self._cp = cupy
-        self._block = None
+        self._block: Any = None
         self.size = 0
         self.generation = 0  # bumps when the block moves: captured graphs that baked in its address are invalid
-        self._contexts: list[Any] = []
+        self._contexts: list[tensorrt.IExecutionContext] = []
 
     def reserve(self, nbytes: int) -> None:
+        # TensorRT's set_device_memory: a 256-byte aligned address (CuPy's blocks are), at least device_memory_size_v2
         nbytes = max(int(nbytes), 256)
         if nbytes <= self.size:
             return
         self._cp.cuda.Device().synchronize()  # nothing may still run in the old block
-        self._block = None
-        self._block = self._cp.cuda.alloc(nbytes)
-        self.size = nbytes
-        self.generation += 1
+        try:
+            block = self._cp.cuda.alloc(nbytes)
+        except Exception as exc:  # cupy.cuda.memory.OutOfMemoryError (or a driver error): keep the old block
+            have = f"keeping the current {self.size} bytes" if self._block is not None else "none allocated yet"
+            raise ActivationMemoryError(
+                f"TensorRT activation memory could not grow to {nbytes} bytes ({type(exc).__name__}; {have}): "
+                f"free GPU memory, or re-export with smaller --max-size/--max-batch") from None
         for context in self._contexts:
-            context.set_device_memory(self._block.ptr, self.size)
+            context.set_device_memory(block.ptr, nbytes)
+        old, self._block, self.size = self._block, block, nbytes
+        self.generation += 1
+        del old  # released only now that no context points at it
 
-    def attach(self, context, required: int) -> None:
+    def attach(self, context: tensorrt.IExecutionContext, required: int) -> None:
         self.reserve(required)
         context.set_device_memory(self._block.ptr, self.size)
         self._contexts.append(context)
 
-    def detach(self, context) -> None:
+    def detach(self, context: tensorrt.IExecutionContext) -> None:
         self._contexts = [c for c in self._contexts if c is not context]
 
 
@@ -161,7 +199,7 @@ class SharedActivationMemory:
 class _Slot:
     """An execution context and the state it was last configured with."""
 
-    context: Any
+    context: tensorrt.IExecutionContext
     shapes: tuple | None = None
     stamp: tuple | None = None  # (buffer generation, activation generation) its tensor addresses were set for
 
@@ -169,10 +207,13 @@ class _Slot:
 class TensorRTEngine:
     """One deserialized plan behind the Engine protocol; created by TensorRTBackend.load."""
 
-    def __init__(self, backend: "TensorRTBackend", name: str, spec: IOSpec, engine, *, precision: str,
-                 static: bool, cuda_graph: bool, check_finite: bool, fallback_plan: Path | None,
+    def __init__(self, backend: "TensorRTBackend", name: str, spec: IOSpec, engine: tensorrt.ICudaEngine, *,
+                 precision: str, static: bool, cuda_graph: bool, check_finite: bool, fallback_plan: Path | None,
                  engine_dir: Path):
-        trt = backend.trt
+        if TYPE_CHECKING:
+            import tensorrt as trt
+        else:
+            trt = backend.trt  # TensorRT, or the test stand-in
         self.name, self.spec, self.xp, self.precision, self.static = name, spec, backend.xp, precision, static
         self.return_views = False  # True: outputs are views of the reused buffers, valid until the next call
         self.check_finite = check_finite
@@ -186,12 +227,19 @@ class TensorRTEngine:
             raise EngineDirError(f"{name}.plan has inputs {self._inputs} and outputs {self._outputs}, the manifest "
                                  f"declares {[t.name for t in spec.inputs]} -> {[t.name for t in spec.outputs]}: "
                                  f"rebuild with `{rebuild_command(engine_dir)}`")
-        self._dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
-        self.profile = {n: dict(zip(("min", "opt", "max"), (tuple(d) for d in engine.get_tensor_profile_shape(n, 0))))
-                        for n in self._inputs}
+        try:  # trt.nptype raises TypeError for bf16/fp8/fp4 I/O (no NumPy equivalent); rtsd exports fp32/fp16 I/O
+            self._dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
+        except TypeError:
+            kinds = sorted({str(engine.get_tensor_dtype(n)) for n in names})
+            raise EngineDirError(f"{name}.plan has I/O tensors of type {kinds}, which NumPy/CuPy cannot hold: "
+                                 f"rebuild with `{rebuild_command(engine_dir)}`") from None
+        self.profile: dict[str, dict[str, tuple[int, ...]]] = {
+            n: {corner: dims_tuple(dims)
+                for corner, dims in zip(("min", "opt", "max"), engine.get_tensor_profile_shape(n, 0))}
+            for n in self._inputs}
         self._buffers = GrowOnlyBuffers(self.xp)
         self._slots: OrderedDict[Any, _Slot] = OrderedDict()
-        self._graphs = GraphCache(backend.stream) if cuda_graph else None
+        self._graphs = GraphCache(backend.stream, clear_error=backend.clear_cuda_error) if cuda_graph else None
         self._graph_stamp = None
         self._fallback_plan, self._fallback = fallback_plan, None
 
@@ -266,7 +314,7 @@ class TensorRTEngine:
             key = tuple(shapes[name] for name in self._inputs)
             slot = self._slot(key, shapes)
             views = {n: self._buffers.view(n, shapes[n], self._dtypes[n]) for n in self._inputs}
-            views.update({n: self._buffers.view(n, tuple(slot.context.get_tensor_shape(n)), self._dtypes[n])
+            views.update({n: self._buffers.view(n, dims_tuple(slot.context.get_tensor_shape(n)), self._dtypes[n])
                           for n in self._outputs})
             for name in self._inputs:
                 self._copy_in(views[name], feeds[name], stream)
@@ -290,7 +338,8 @@ class TensorRTEngine:
                 self._backend.stream.synchronize()  # the evicted context may still have work queued
                 old_key, old = self._slots.popitem(last=False)
                 self._backend.activation.detach(old.context)
-                self._graphs.drop(old_key)
+                if self._graphs is not None:  # always, in practice: one slot per shape only with graphs
+                    self._graphs.drop(old_key)
             slot = self._slots[slot_key] = _Slot(self._backend.new_context(self._engine))
         self._slots.move_to_end(slot_key)
         if slot.shapes != key:
@@ -318,7 +367,7 @@ class TensorRTEngine:
         else:
             destination[...] = source  # device copy (casts if the engine's I/O dtype differs)
 
-    def _enqueue(self, context, stream) -> None:
+    def _enqueue(self, context: tensorrt.IExecutionContext, stream: Any) -> None:
         if not context.execute_async_v3(stream.ptr):
             raise RuntimeError(f"{self.name}: TensorRT execute_async_v3 failed (its log above says why)")
 
@@ -341,8 +390,13 @@ class TensorRTBackend:
         self.cuda_graphs, self.check_finite = tuple(cuda_graphs), tuple(check_finite)
         self.stream = self.xp.cuda.Stream(non_blocking=True)  # graph capture needs a non-default stream
         self.activation = SharedActivationMemory(self.xp)
-        self._logger = self.trt.Logger(self.trt.Logger.WARNING)
-        self._runtime = self.trt.Runtime(self._logger)
+        self.clear_cuda_error = cuda_error_clearer()  # after a failed graph capture
+        if TYPE_CHECKING:
+            import tensorrt as trt
+        else:
+            trt = self.trt
+        self._logger: tensorrt.Logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime: tensorrt.Runtime = trt.Runtime(self._logger)
         self._engines: list[TensorRTEngine] = []
 
     def load(self, engine_dir: Path, manifest: Manifest, components: tuple[str, ...]) -> dict[str, TensorRTEngine]:
@@ -358,9 +412,9 @@ class TensorRTBackend:
         if refusals:  # refuse before deserializing anything
             more = f" (and {len(refusals) - 1} more plan(s))" if len(refusals) > 1 else ""
             raise EngineDirError(refusals[0] + more)
-        plans = {}
+        plans: dict[str, tuple[dict[str, Any], tensorrt.ICudaEngine]] = {}
         for component in components:
-            record = manifest.engine_record(component, "tensorrt")
+            record = manifest.engine_record(component, "tensorrt") or {}  # present: stale_reasons said so
             plans[component] = (record, self._deserialize(engine_dir / record["file"], engine_dir))
         self.activation.reserve(max(engine.device_memory_size_v2 for _, engine in plans.values()))
         engines = {}
@@ -381,9 +435,14 @@ class TensorRTBackend:
         return self._wrap(component, spec, engine, engine_dir, precision=precision, static=static,
                           check_finite=check_finite, fallback=None)
 
-    def new_context(self, engine):
+    def new_context(self, engine: tensorrt.ICudaEngine) -> tensorrt.IExecutionContext:
         """An execution context without device memory of its own, pointed at the shared activation block."""
-        context = engine.create_execution_context(self.trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        if TYPE_CHECKING:
+            import tensorrt as trt
+        else:
+            trt = self.trt
+        context: tensorrt.IExecutionContext | None = engine.create_execution_context(
+            trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         if context is None:
             raise RuntimeError("TensorRT could not create an execution context (out of host or device memory)")
         self.activation.attach(context, engine.device_memory_size_v2)
@@ -397,15 +456,16 @@ class TensorRTBackend:
             engine.close()
         self._engines.clear()
 
-    def _wrap(self, component, spec, engine, engine_dir, *, precision, static, check_finite, fallback):
+    def _wrap(self, component: str, spec: IOSpec, engine: tensorrt.ICudaEngine, engine_dir: Path, *, precision: str,
+              static: bool, check_finite: bool, fallback: Path | None) -> TensorRTEngine:
         wrapped = TensorRTEngine(self, component, spec, engine, precision=precision, static=static,
                                  cuda_graph=component in self.cuda_graphs, check_finite=check_finite,
                                  fallback_plan=fallback, engine_dir=engine_dir)
         self._engines.append(wrapped)
         return wrapped
 
-    def _deserialize(self, path: Path, engine_dir: Path):
-        engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+    def _deserialize(self, path: Path, engine_dir: Path) -> tensorrt.ICudaEngine:
+        engine: tensorrt.ICudaEngine | None = self._runtime.deserialize_cuda_engine(path.read_bytes())
         if engine is None:
             raise EngineDirError(f"TensorRT {self.host.tensorrt_version} could not load {path.name} (corrupt, or "
                                  f"built by another TensorRT): rebuild with `{rebuild_command(engine_dir)}`")

@@ -4,17 +4,25 @@ One engine per sub-model, each with one optimization profile derived from its IO
 (``--static`` collapses the profile to the opt shape for the fastest kernels). Builds share a timing cache kept in
 the engine directory, so a rebuild (new TensorRT, other GPU, other sizes) re-times only what changed.
 
-Precision (why some layers stay fp32):
-  * Normalization layers everywhere (GroupNorm in the UNet and VAE, LayerNorm in CLIP and the UNet's transformer
-    blocks, parsed by TensorRT as INormalizationLayer) and float Reduce layers (mean/variance when a norm arrives
-    decomposed): the variance is a mean of squares, and activations of a few hundred already square past fp16's
-    65504 -> inf -> NaN. TensorRT itself warns about fp16 LayerNorm after attention. They are a small share of the
-    time, so fp32 costs little.
-  * In the VAE decoder, the attention Softmax and the Q.K^T MatMul feeding it: its single-head attention over
-    512 channels at full latent resolution produces the largest logits in the model.
+Precision (what stays fp32, and why so little):
+  * Normalization layers (GroupNorm, LayerNorm; TensorRT parses both into INormalizationLayer) are NOT pinned.
+    TensorRT already computes them in fp32 in an fp16 network (Python API, INormalizationLayer.compute_precision:
+    "By default TensorRT will run the normalization computation in DataType.kFLOAT32 even in mixed precision mode
+    regardless of any set builder flags to avoid overflow errors"), so the mean-of-squares overflow a pin was meant
+    to prevent does not happen inside them. Pinning their
+    inputs/outputs as well only added an fp16<->fp32 reformat around every norm, kept TensorRT from fusing them
+    into fp16 attention/convolution kernels, and under OBEY_PRECISION_CONSTRAINTS a pinned layer without an fp32
+    tactic fails the whole build. Reduce layers are not pinned either (the exported graphs carry norms as norm ops).
+  * Pinned, with OBEY: in the VAE decoder, the attention Softmax and the Q.K^T MatMul feeding it (and the scaling
+    between them). Its single-head attention over 512 channels at full latent resolution makes the largest logits in
+    the model, and fp16 logits saturate there (the known "black image" VAE failure). These are layer types an fp32
+    build of the same network implements in fp32 (the fp32 fallback plan is one), so OBEY does not leave them
+    without a tactic. TF32 is cleared in those builds: the pin is for
+    accuracy, and TF32 would round the pinned MatMul's inputs to 10 mantissa bits.
   * ``fp32_components`` builds a whole sub-model in fp32 (e.g. a VAE whose convolutions overflow, as the SDXL VAE's
-    do), and ``fp32_fallback`` (default: the VAE decoder) also writes an fp32 plan that the runtime switches to if
-    the fp16 plan ever returns non-finite values.
+    do; TF32 stays on there: it has fp32's range, which is what those builds need), and ``fp32_fallback``
+    (default: the VAE decoder) also writes an fp32 plan that the runtime switches to if the fp16 plan ever returns
+    non-finite values.
 
 The manifest records per plan: file, sha256, precision, TensorRT version, GPU name and compute capability, the
 sha256 of the ONNX it was built from, the fp32 layers and the profile; ``rtsd.engine.staleness`` judges them.
@@ -29,7 +37,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from rtsd.engine.cuda import cuda_device
 from rtsd.engine.staleness import HostInfo, stale_reasons
@@ -38,8 +46,10 @@ from rtsd.errors import EngineDirError, RtsdError
 from rtsd.export.manifest import Manifest, sha256_file
 from rtsd.export.specs import COMPONENTS, IOSpec, ShapeRange
 
-FP32_LAYER_TYPES = ("NORMALIZATION", "REDUCE")
-ATTENTION_FP32_COMPONENTS = ("vae_decoder",)
+if TYPE_CHECKING:  # the 10.x type stubs (tensorrt-stubs): pyright checks every TensorRT call against them
+    import tensorrt
+
+ATTENTION_FP32_COMPONENTS = ("vae_decoder",)  # where fp16 attention logits are known to overflow
 # Layers that may sit between the Q.K^T MatMul and the Softmax (scaling, reshapes, casts). TensorRT 10 also has
 # dedicated SQUEEZE/UNSQUEEZE layer types next to SHUFFLE.
 _SCORE_PATH_TYPES = ("ELEMENTWISE", "SCALE", "SHUFFLE", "SQUEEZE", "UNSQUEEZE", "CAST", "UNARY")
@@ -69,12 +79,13 @@ def engine_profile(spec: IOSpec, shape_range: ShapeRange, static: bool = False) 
 
 
 def fp32_layer_names(layers: Sequence[LayerInfo], component: str) -> list[str]:
-    """Names of the layers to pin to fp32 in ``component`` (see the module docstring for why)."""
-    chosen = [layer.name for layer in layers if layer.type in FP32_LAYER_TYPES and layer.float_outputs]
+    """Names of the layers to pin to fp32 in ``component``: the attention-logit path of the VAE decoder only (see
+    the module docstring for why normalization layers are left to TensorRT's own fp32 compute)."""
+    chosen: list[str] = []
     if component in ATTENTION_FP32_COMPONENTS:
         producer = {out: layer for layer in layers for out in layer.outputs}
         for layer in layers:
-            if layer.type == "SOFTMAX":
+            if layer.type == "SOFTMAX" and layer.float_outputs:
                 chosen.append(layer.name)
                 chosen += [p.name for p in _score_path(layer, producer)]
     return list(dict.fromkeys(chosen))
@@ -143,7 +154,7 @@ def build_engines(engine_dir: str | Path, manifest: Manifest, *, components: Ite
             if component in fp32_fallback and precision == "fp16" and not _plan_present(
                     engine_dir, (record or {}).get("fallback")):
                 reasons.append("the fp32 fallback plan is missing")
-            if not reasons:
+            if not reasons and record is not None:  # no reasons: the record exists
                 say(f"{component}: {record['file']} is up to date, kept")
                 continue
             say(f"{component}: rebuilding ({'; '.join(reasons)})")
@@ -187,19 +198,26 @@ def _plan_present(engine_dir: Path, record: Mapping[str, Any] | None) -> bool:
 class _Builder:
     """One TensorRT builder and timing cache for a run of builds."""
 
-    def __init__(self, trt, engine_dir: Path, optimization_level: int, timing_cache: str | None):
-        self.trt = trt
-        self.logger = trt.Logger(trt.Logger.WARNING)
-        self.builder = trt.Builder(self.logger)
+    def __init__(self, trt_module: Any, engine_dir: Path, optimization_level: int, timing_cache: str | None):
+        if TYPE_CHECKING:
+            import tensorrt as trt
+        else:
+            trt = trt_module  # TensorRT, or the test fake of its builder API
+        self.trt = trt_module
+        self.logger: tensorrt.Logger = trt.Logger(trt.Logger.WARNING)
+        self.builder: tensorrt.Builder = trt.Builder(self.logger)
         self.optimization_level = optimization_level
         self.cache_path = engine_dir / timing_cache if timing_cache else None
         self.cache_bytes = self.cache_path.read_bytes() if self.cache_path and self.cache_path.is_file() else b""
 
     def build(self, onnx_path: Path, spec: IOSpec, plan_path: Path, component: str, precision: str,
               profile: Mapping[str, Mapping[str, Sequence[int]]]) -> dict[str, Any]:
-        trt = self.trt
-        network = self.builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
-        parser = trt.OnnxParser(network, self.logger)
+        if TYPE_CHECKING:
+            import tensorrt as trt
+        else:
+            trt = self.trt
+        network: tensorrt.INetworkDefinition = self.builder.create_network(0)  # TensorRT 10: explicit batch only
+        parser: tensorrt.OnnxParser = trt.OnnxParser(network, self.logger)
         if not parser.parse_from_file(str(onnx_path)):  # resolves external data (unet.onnx.data) next to it
             errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
             raise EngineBuildError(f"TensorRT could not parse {onnx_path.name}: {errors[0] if errors else '?'}"
@@ -210,7 +228,7 @@ class _Builder:
             raise EngineDirError(f"{onnx_path.name} has inputs {names}, the manifest declares "
                                  f"{[t.name for t in spec.inputs]}; re-export the engine directory")
 
-        config = self.builder.create_builder_config()
+        config: tensorrt.IBuilderConfig = self.builder.create_builder_config()
         config.builder_optimization_level = self.optimization_level
         fp32_layers: list[str] = []
         if precision == "fp16":
@@ -219,13 +237,14 @@ class _Builder:
             if fp32_layers:
                 _pin_fp32(trt, network, set(fp32_layers))
                 config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-        optimization_profile = self.builder.create_optimization_profile()
+                config.clear_flag(trt.BuilderFlag.TF32)  # pinned for accuracy: no 10-bit-mantissa MatMul inputs
+        optimization_profile: tensorrt.IOptimizationProfile = self.builder.create_optimization_profile()
         for name, corners in profile.items():
             optimization_profile.set_shape(name, tuple(corners["min"]), tuple(corners["opt"]), tuple(corners["max"]))
         if config.add_optimization_profile(optimization_profile) < 0:  # -1: TensorRT rejected the profile
             raise EngineBuildError(f"TensorRT rejected the optimization profile {dict(profile)} for "
                                    f"{onnx_path.name} (see its log above); re-export the engine directory")
-        cache = None
+        cache: tensorrt.ITimingCache | None = None
         if self.cache_path is not None:
             # A blob TensorRT cannot read (another TensorRT version, a truncated file) may come back as None; a cache
             # from another GPU is refused by set_timing_cache (False with ignore_mismatch=False): start afresh.
@@ -234,24 +253,28 @@ class _Builder:
                 cache = config.create_timing_cache(b"")
                 config.set_timing_cache(cache, ignore_mismatch=False)
 
-        serialized = self.builder.build_serialized_network(network, config)
+        serialized: tensorrt.IHostMemory | None = self.builder.build_serialized_network(network, config)
         if serialized is None:
             raise EngineBuildError(f"TensorRT failed to build {plan_path.name} (see its log above); out of GPU "
                                    f"memory is the usual cause: lower --max-size/--max-batch or build with --static")
         data = memoryview(serialized)
         digest = hashlib.sha256(data).hexdigest()
         _write_atomic(plan_path, data)
-        if cache is not None:
+        if cache is not None and self.cache_path is not None:
             self.cache_bytes = bytes(memoryview(config.get_timing_cache().serialize()))
             _write_atomic(self.cache_path, self.cache_bytes)
         return {"file": plan_path.name, "sha256": digest, "precision": precision, "fp32_layers": fp32_layers}
 
 
-def _layer_infos(trt, network) -> list[LayerInfo]:
+def _layer_infos(trt_module: Any, network: tensorrt.INetworkDefinition) -> list[LayerInfo]:
+    if TYPE_CHECKING:
+        import tensorrt as trt
+    else:
+        trt = trt_module
     floats = (trt.float32, trt.float16)
     infos = []
     for i in range(network.num_layers):
-        layer = network.get_layer(i)
+        layer: tensorrt.ILayer = network.get_layer(i)
         inputs = [layer.get_input(j) for j in range(layer.num_inputs)]
         outputs = [layer.get_output(j) for j in range(layer.num_outputs)]
         infos.append(LayerInfo(layer.name, layer.type.name, tuple(t.name for t in inputs if t is not None),
@@ -259,9 +282,13 @@ def _layer_infos(trt, network) -> list[LayerInfo]:
     return infos
 
 
-def _pin_fp32(trt, network, names: set[str]) -> None:
+def _pin_fp32(trt_module: Any, network: tensorrt.INetworkDefinition, names: set[str]) -> None:
+    if TYPE_CHECKING:
+        import tensorrt as trt
+    else:
+        trt = trt_module
     for i in range(network.num_layers):
-        layer = network.get_layer(i)
+        layer: tensorrt.ILayer = network.get_layer(i)
         if layer.name in names:
             layer.precision = trt.float32
             for j in range(layer.num_outputs):
