@@ -45,7 +45,7 @@ A1111_SAMPLERS: dict[str, tuple[str, dict]] = {
     "LCM": ("lcm", {}),
 }
 # A1111's newer separate "scheduler" field: only the sigma schedules rtsd has.
-A1111_SCHEDULE_TYPES = {"Automatic": {}, "Karras": {"use_karras_sigmas": True}}
+A1111_SCHEDULE_TYPES = {"automatic": {}, "karras": {"use_karras_sigmas": True}}  # matched case-insensitively
 MAX_SEED = 2**32 - 1
 
 
@@ -149,7 +149,7 @@ def parse_openai(body: dict, limits: EngineLimits) -> ImageJob:
     width, height = _size(body.get("size") or f"{opt}x{opt}")
     options = _get(body, "scheduler_options", dict, {})
     job = ImageJob(prompt=prompt, negative_prompt=_get(body, "negative_prompt", str, ""),
-                   seeds=_seeds(_get(body, "seed", int, -1), n), width=width, height=height,
+                   seeds=seeds_from(_get(body, "seed", int, -1), n), width=width, height=height,
                    steps=_get(body, "steps", int, 30), guidance_scale=_get(body, "guidance_scale", float, 7.5),
                    scheduler=_get(body, "scheduler", str, "dpmpp_2m"), scheduler_options=options)
     return limits.check(job)
@@ -184,7 +184,7 @@ def parse_a1111(body: dict, limits: EngineLimits, img2img: bool) -> ImageJob:
             mask = decode_image(body["mask"], "mask", "L", (width, height))
         strength = _get(body, "denoising_strength", float, 0.75)
     job = ImageJob(prompt=_get(body, "prompt", str, ""), negative_prompt=_get(body, "negative_prompt", str, ""),
-                   seeds=_seeds(_get(body, "seed", int, -1), batch_size * n_iter), width=width, height=height,
+                   seeds=seeds_from(_get(body, "seed", int, -1), batch_size * n_iter), width=width, height=height,
                    steps=_get(body, "steps", int, 20), guidance_scale=_get(body, "cfg_scale", float, 7.0),
                    scheduler=scheduler, scheduler_options=options, image=image, mask=mask, strength=strength)
     return limits.check(job)
@@ -198,9 +198,13 @@ def a1111_sampler(name: str, schedule_type: str = "Automatic") -> tuple[str, dic
     else:
         raise RequestError(f"unknown sampler_name {name!r}; use one of {', '.join(A1111_SAMPLERS)} "
                            f"(GET /sdapi/v1/samplers lists them)")
-    if schedule_type not in A1111_SCHEDULE_TYPES:
+    schedule = A1111_SCHEDULE_TYPES.get(schedule_type.lower())
+    if schedule is None:
         raise RequestError(f"unknown scheduler {schedule_type!r}; use one of {', '.join(A1111_SCHEDULE_TYPES)}")
-    return scheduler, {**options, **A1111_SCHEDULE_TYPES[schedule_type]}
+    options = {**options, **schedule}
+    if "use_karras_sigmas" in options and "use_karras_sigmas" not in schedulers.options_of(scheduler):
+        raise RequestError(f"sampler {name!r} has no Karras schedule in rtsd; use scheduler 'automatic'")
+    return scheduler, options
 
 
 def a1111_samplers() -> list[dict]:
@@ -254,7 +258,7 @@ def decode_image(data, what: str, mode: str, size: tuple[int, int]) -> np.ndarra
     return np.asarray(image)
 
 
-def _seeds(seed: int, n: int) -> list[int]:
+def seeds_from(seed: int, n: int) -> list[int]:
     if seed == -1:
         seed = secrets.randbelow(MAX_SEED - n)
     if not 0 <= seed <= MAX_SEED:

@@ -8,7 +8,6 @@ engine directory at the same path, built for its own GPU (the manifest records w
 was built for; a replica refuses a stale plan with the rebuild command).
 """
 
-from __future__ import annotations
 
 import json
 import logging
@@ -34,7 +33,9 @@ class RtsdDeployment:
 
         from rtsd.serving.service import ImageService
 
-        logging.getLogger("rtsd.serving").setLevel(logging.INFO)
+        log = logging.getLogger("rtsd.serving")  # one line per request, into the replica's Serve log
+        log.setLevel(logging.INFO)
+        log.handlers, log.propagate = logging.getLogger("ray.serve").handlers, False
         node = ray.get_runtime_context().get_node_id()
         self.service = ImageService.from_engine_dir(engine_dir, backend=backend, threads=threads,
                                                     max_batch=max_batch, batch_wait_ms=batch_wait_ms, node=node)
@@ -83,8 +84,8 @@ class RtsdDeployment:
         return None
 
 
-def build_app(engine_dir: str | Path, *, replicas: int = 1, autoscale: tuple[int, int] | None = None,
-              max_batch: int | None = None, batch_wait_ms: float = 20.0, backend: str | None = None,
+def build_app(engine_dir, *, replicas: int = 1, autoscale: "tuple[int, int] | None" = None,
+              max_batch: "int | None" = None, batch_wait_ms: float = 20.0, backend: str | None = None,
               replica_cpus: float = 1.0):
     """The Serve application for one engine directory (not started)."""
     engine_dir = Path(engine_dir).resolve()
@@ -119,7 +120,8 @@ def start(engine_dir, *, host: str = "127.0.0.1", port: int = 8000, address: str
         if address:
             ray.init(address=address, logging_level=logging.WARNING)
         else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
+                     _node_ip_address="127.0.0.1")  # a local Ray: nothing reachable from other machines
     serve.start(http_options={"host": host, "port": port}, proxy_location=proxy_location)
     serve.run(app, name="rtsd", route_prefix="/", blocking=False)
 
@@ -137,10 +139,10 @@ def stop() -> None:
 def serve_forever(engine_dir, **options) -> None:
     """``rtsd serve``: deploy, print where, and run until SIGINT / SIGTERM; then shut everything down."""
     done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
     try:
         start(engine_dir, **options)
+        for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own (aborting) handlers
+            signal.signal(sig, lambda *_: done.set())
         host, port = options.get("host", "127.0.0.1"), options.get("port", 8000)
         print(f"rtsd serve: {engine_dir} at http://{host}:{port} (OpenAI: /v1/images/generations, "
               f"A1111: /sdapi/v1/txt2img, /sdapi/v1/img2img); pid {os.getpid()}, Ctrl-C to stop", flush=True)
