@@ -19,7 +19,8 @@ import time
 import numpy as np
 import triton_python_backend_utils as pb_utils  # provided by Triton's Python backend
 
-from rtsd.serving.batching import run_units, units_of, plan_batches
+from rtsd.errors import RtsdError
+from rtsd.serving.batching import plan_batches, run_units, units_of
 from rtsd.serving.protocol import EngineLimits, ImageJob, RequestError, seeds_from
 
 log = logging.getLogger("rtsd.serving")
@@ -41,26 +42,29 @@ class TritonPythonModel:
     def execute(self, requests: list) -> list:
         start = time.perf_counter()
         rows: list[tuple[int, ImageJob]] = []  # (request index, job) per request row
-        errors: dict[int, str] = {}
+        errors: dict[int, tuple[str, bool]] = {}  # request index -> (message, the request's own fault)
         for r, request in enumerate(requests):
             try:
                 rows.extend((r, job) for job in self._jobs(request))
             except (RequestError, ValueError, TypeError) as exc:
-                errors[r] = str(exc)
+                errors[r] = (str(exc), True)
         units = [unit for _, job in rows for unit in units_of(job)]
         images: dict[int, list] = {}  # id(job) -> images
         reports: dict[int, dict] = {}  # id(job) -> batch reports
         for planned in plan_batches(units, self.max_batch):
             for unit, (image, report) in zip(planned, run_units(self.runtime, planned)):
                 if isinstance(report, Exception):
-                    errors[next(r for r, job in rows if job is unit.job)] = f"{type(report).__name__}: {report}"
+                    user_error = isinstance(report, (RtsdError, ValueError, TypeError))
+                    errors[next(r for r, job in rows if job is unit.job)] = (str(report), user_error)
                     continue
                 images.setdefault(id(unit.job), []).append(np.asarray(image))
                 reports.setdefault(id(unit.job), {})[report.batch_id] = report.as_dict()
         responses = []
         for r in range(len(requests)):
             if r in errors:
-                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(errors[r])))
+                message, user_error = errors[r]  # INVALID_ARG is HTTP 400; INTERNAL (an engine failure) is 500
+                code = pb_utils.TritonError.INVALID_ARG if user_error else pb_utils.TritonError.INTERNAL
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code)))
                 continue
             jobs = [job for q, job in rows if q == r]
             stacked = np.stack([np.stack(images[id(job)]) for job in jobs]).astype(np.uint8)
