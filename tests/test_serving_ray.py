@@ -148,13 +148,18 @@ def test_two_node_cluster_one_replica_per_node(tiny_engine_dir, runtime, tmp_pat
     ray_tmp = str(tmp_path_factory.mktemp("ray2"))
     monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray rewrites a 127.0.0.1 bootstrap address to the machine's outward IP unless clusters are "disabled" (its
+    # loopback mode); the nodes listen on 127.0.0.1 only, so keep the driver there too.
+    import ray._private.ray_constants as ray_constants
+
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
     before = set(p.pid for p in psutil.Process().children(recursive=True))
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1"})
     family = []
     try:
         cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
         cluster.wait_for_nodes()
-        ray.init(address=cluster.address)
+        ray.init(address="127.0.0.1:" + cluster.address.rsplit(":", 1)[1])  # the head's GCS listens on 127.0.0.1
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
         port = free_port()
         ray_app.start(tiny_engine_dir, port=port, proxy_location="HeadOnly", replicas=2, replica_cpus=1,

@@ -23,7 +23,7 @@ from ray import serve
 api = FastAPI(title="rtsd")
 
 
-@serve.deployment(name="rtsd", max_ongoing_requests=64)
+@serve.deployment(name="rtsd")
 @serve.ingress(api)
 class RtsdDeployment:
     def __init__(self, engine_dir: str, max_batch: int | None, batch_wait_ms: float, backend: str | None,
@@ -88,26 +88,24 @@ def build_app(engine_dir, *, replicas: int = 1, autoscale: "tuple[int, int] | No
               max_batch: "int | None" = None, batch_wait_ms: float = 20.0, backend: str | None = None,
               replica_cpus: float = 1.0):
     """The Serve application for one engine directory (not started)."""
-    engine_dir = Path(engine_dir).resolve()
-    gpu = _uses_gpu(engine_dir, backend)
-    actor = {"num_gpus": 1} if gpu else {"num_cpus": replica_cpus}
-    scaling = ({"autoscaling_config": {"min_replicas": autoscale[0], "max_replicas": autoscale[1],
-                                       "target_ongoing_requests": max(2, max_batch or 2)}}
-               if autoscale else {"num_replicas": replicas})
-    threads = None if gpu else max(1, int(replica_cpus))
-    return RtsdDeployment.options(ray_actor_options=actor, **scaling).bind(
-        str(engine_dir), max_batch, batch_wait_ms, backend, threads)
-
-
-def _uses_gpu(engine_dir: Path, backend: str | None) -> bool:
-    """TensorRT (one GPU per replica) when asked, or by default when the directory has plans for every component."""
     from rtsd.export.manifest import Manifest
     from rtsd.export.specs import COMPONENTS
 
-    if backend == "onnxruntime":
-        return False
+    engine_dir = Path(engine_dir).resolve()
     manifest = Manifest.read(engine_dir)  # a missing or unknown directory fails here, on the driver, in one line
-    return backend == "tensorrt" or all(manifest.engine_record(c, "tensorrt") for c in COMPONENTS)
+    gpu = backend != "onnxruntime" and (
+        backend == "tensorrt" or all(manifest.engine_record(c, "tensorrt") for c in COMPONENTS))
+    actor = {"num_gpus": 1} if gpu else {"num_cpus": replica_cpus}
+    per_call = min(max_batch or manifest.shape_range.max_batch, manifest.shape_range.max_batch)
+    # A replica holds one call running and one gathering; more requests wait at Serve's router, which can then give
+    # them to another replica (the router prefers replicas on its own node while they have room).
+    ongoing = 2 * per_call
+    scaling = ({"autoscaling_config": {"min_replicas": autoscale[0], "max_replicas": autoscale[1],
+                                       "target_ongoing_requests": per_call}}
+               if autoscale else {"num_replicas": replicas})
+    threads = None if gpu else max(1, int(replica_cpus))
+    return RtsdDeployment.options(ray_actor_options=actor, max_ongoing_requests=ongoing, **scaling).bind(
+        str(engine_dir), max_batch, batch_wait_ms, backend, threads)
 
 
 def start(engine_dir, *, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
