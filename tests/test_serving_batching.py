@@ -143,3 +143,15 @@ def test_service_status_codes(runtime):
                                 image=np.full((SIZE, SIZE, 3), 128, np.uint8), strength=0.5).images[0]
     assert np.array_equal(b64_to_array(body["images"][0]), np.asarray(expected))
     service.batcher.close()
+
+
+def test_serve_cli_refuses_bad_arguments_in_one_line(tmp_path, capsys):
+    from rtsd.cli import main
+
+    assert main(["serve", str(tmp_path / "missing")]) == 2  # before any Ray starts
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rtsd serve: error:") and "\n" not in err
+    assert main(["serve", str(tmp_path), "--replicas", "0"]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", str(tmp_path), "--autoscale", "3,1"])
+    assert exit_.value.code == 2
