@@ -31,7 +31,7 @@ def array_to_b64(array: np.ndarray, prefix: str = "") -> str:
 
 
 def ray_processes(marker: str) -> list:
-    """Live processes whose command line mentions ``marker`` (the test's own RAY_TMPDIR): raylet, gcs_server, workers."""
+    """Live processes whose command line mentions ``marker`` (the test's own RAY_TMPDIR): raylet, gcs_server."""
     import psutil
 
     found = []

@@ -15,7 +15,8 @@ def add_commands(sub) -> None:
     scale.add_argument("--replicas", type=int, default=1, help="fixed number of replicas (default 1)")
     scale.add_argument("--autoscale", type=_min_max, metavar="MIN,MAX", help="autoscale between MIN and MAX replicas")
     p.add_argument("--max-batch", type=int, default=None,
-                   help="most images per generate call (default and upper bound: the engines' max batch); 1 = no batching")
+                   help="most images per generate call (default and upper bound: the engines' max batch); "
+                        "1 = no batching")
     p.add_argument("--batch-wait-ms", type=float, default=20.0,
                    help="how long the oldest queued request waits for others to share its call")
     p.add_argument("--host", default="127.0.0.1", help="address the HTTP proxy binds (0.0.0.0 for other machines)")
@@ -25,7 +26,8 @@ def add_commands(sub) -> None:
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray this command starts")
     p.add_argument("--replica-cpus", type=float, default=1.0, help="CPU cores per ONNX Runtime (CPU) replica")
     p.add_argument("--backend", choices=("tensorrt", "onnxruntime"), default=None,
-                   help="default: TensorRT (one GPU per replica) when the directory has plans, else ONNX Runtime on CPU")
+                   help="default: TensorRT (one GPU per replica) when the directory has plans, "
+                        "else ONNX Runtime on CPU")
     p.add_argument("--proxy-location", choices=("EveryNode", "HeadOnly"), default="EveryNode",
                    help="where Ray Serve runs HTTP proxies")
     p.set_defaults(run=_serve)

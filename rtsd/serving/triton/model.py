@@ -64,7 +64,8 @@ class TritonPythonModel:
             if r in errors:
                 message, user_error = errors[r]  # INVALID_ARG is HTTP 400; INTERNAL (an engine failure) is 500
                 code = pb_utils.TritonError.INVALID_ARG if user_error else pb_utils.TritonError.INTERNAL
-                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code)))
+                error = pb_utils.TritonError(message, code)
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=error))
                 continue
             jobs = [job for q, job in rows if q == r]
             stacked = np.stack([np.stack(images[id(job)]) for job in jobs]).astype(np.uint8)
