@@ -1,4 +1,4 @@
-"""The ``rtsd`` command: export | generate | parity | info | demo.
+"""The ``rtsd`` command: export | generate | parity | info | demo | serve | triton-repo.
 
 User errors (bad paths, options, files, requests) print one line on stderr and exit with status 2; no traceback.
 """
@@ -101,6 +101,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", type=Path, default=Path("rtsd-demo"))
     p.add_argument("--steps", type=int, default=20)
     p.set_defaults(run=_demo)
+
+    from rtsd.serving.cli import add_commands as add_serving_commands  # serve, triton-repo
+
+    add_serving_commands(sub)
     return parser
 
 

@@ -18,7 +18,6 @@ and every UNet call gets [latents, mask at latent size, masked-image latents] co
 from __future__ import annotations
 
 import dataclasses
-import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from rtsd.errors import NonFiniteOutputError, RtsdError
 from rtsd.export.manifest import Manifest
 from rtsd.export.specs import COMPONENTS, ShapeRange
 from rtsd.images import inpainting_mask, init_image_pixels, latent_mask, to_pil
+from rtsd.noise import SeededNoise
 from rtsd.tokenizer import Tokenizer
 
 StepCallback = Callable[[int, int, float, Any], None]  # (step index, total steps, timestep, latents) after each step
@@ -86,10 +86,13 @@ class Runtime:
 
     def generate(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
                  steps: int = 30, guidance_scale: float = 7.5, height: int = 512, width: int = 512,
-                 seed: int | None = None, scheduler: str = "dpmpp_2m", scheduler_options: dict | None = None,
+                 seed: int | None = None, seeds: Sequence[int] | None = None, scheduler: str = "dpmpp_2m",
+                 scheduler_options: dict | None = None,
                  num_images: int = 1, latents: np.ndarray | None = None, image=None, mask_image=None,
                  strength: float | None = None, callback: StepCallback | None = None) -> GenerationResult:
-        """image: init image (PIL, path, or (H, W, 3) uint8 / [0, 1] float array) for img2img, or the picture to
+        """seeds: one seed per image instead of ``seed`` (rtsd.noise): image i then equals a one-image generation
+        with ``seed=seeds[i]``, whatever else shares the call (what lets a server batch requests).
+        image: init image (PIL, path, or (H, W, 3) uint8 / [0, 1] float array) for img2img, or the picture to
         inpaint; mask_image: inpainting engine dirs only, same size, white = repaint, black = keep (PIL "L"/"1"/"RGB",
         path, or (H, W) array). strength: how much to repaint, default 0.8 for img2img and 1.0 for inpainting
         (1.0 starts from pure noise; less starts from the noised encoded image)."""
@@ -110,8 +113,8 @@ class Runtime:
         init_pixels = init_image_pixels(image, height, width, 1 if inpaint else n) if image is not None else None
         mask = inpainting_mask(mask_image, height, width) if inpaint else None
         start_index = _img2img_start(sampler, steps, strength) if image is not None else 0
-        seed = secrets.randbelow(2**32) if seed is None else int(seed)
-        rng = np.random.default_rng(seed)
+        rng = SeededNoise(seed, seeds, n)
+        seed = rng.seed
         use_cfg = guidance_scale > 1.0
         xp = self.xp
 
@@ -127,7 +130,7 @@ class Runtime:
         # 3. Initial latents: seeded noise (or the caller's), or for img2img the encoded image noised to the start step;
         #    inpainting at strength 1 starts from pure noise, as diffusers does. Inpainting also encodes the masked image:
         #    mask + masked-image latents are the UNet's 5 extra channels, on the device, one row per UNet batch row.
-        noise = initial if initial is not None else rng.standard_normal(latent_shape, dtype=np.float32)
+        noise = initial if initial is not None else rng.draw(latent_shape)
         t0 = time.perf_counter()
         if init_pixels is None or (inpaint and strength == 1.0):
             x = xp.asarray(noise) * sampler.init_noise_sigma
@@ -164,7 +167,7 @@ class Runtime:
             if use_cfg:
                 uncond, cond = out[:n], out[n:]
                 out = uncond + guidance_scale * (cond - uncond)
-            step_noise = xp.asarray(rng.standard_normal(latent_shape, dtype=np.float32)) if sampler.stochastic else None
+            step_noise = xp.asarray(rng.draw(latent_shape)) if sampler.stochastic else None
             x = sampler.step(out, i, x, noise=step_noise)
             scheduler_time += time.perf_counter() - s0
             if callback is not None:
@@ -186,7 +189,8 @@ class Runtime:
         timings["total"] = time.perf_counter() - start
         parameters = {"prompt": prompts[0] if n == 1 else prompts, "negative_prompt": negatives[0] if n == 1 else negatives,
                       "steps": steps, "guidance_scale": guidance_scale, "height": height, "width": width,
-                      "seed": seed, "scheduler": scheduler, "scheduler_options": scheduler_options or {},
+                      "seed": seed, **({"seeds": rng.seeds} if seeds is not None else {}),
+                      "scheduler": scheduler, "scheduler_options": scheduler_options or {},
                       "strength": strength if image is not None else None, "inpainting": inpaint,
                       "backend": self.backend_name,
                       "model": self.config.family, "checkpoint_sha256": self.source_sha256}
