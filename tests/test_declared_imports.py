@@ -26,7 +26,10 @@ DISTRIBUTION_OF = {
     "cuda": "cuda-python",
     "onnx_graphsurgeon": "onnx-graphsurgeon",
     "google": "protobuf",
+    "pytriton": "nvidia-pytriton",
 }
+# Modules no package installs: the host process provides them (Triton's Python backend injects this one).
+PROVIDED_BY_HOST = {"triton_python_backend_utils"}
 
 
 def _normalize(name: str) -> str:
@@ -103,7 +106,7 @@ def undeclared_imports(extra_files: tuple[Path, ...] = ()) -> dict[str, list[str
     missing: dict[str, list[str]] = {}
     for path, exempt_guarded in files:
         for module in imported_modules(path, exempt_guarded):
-            if module in sys.stdlib_module_names or module in local or module == "__future__":
+            if module in sys.stdlib_module_names or module in local or module in PROVIDED_BY_HOST:
                 continue
             candidates = {_normalize(d) for d in installed.get(module, [])}
             candidates |= {_normalize(DISTRIBUTION_OF.get(module, module))}
