@@ -29,11 +29,13 @@ import numpy as np
 from rtsd import schedulers
 from rtsd.engine import get_backend
 from rtsd.engine.base import Backend
+from rtsd.engine.verify import verify_engine_dir
 from rtsd.errors import NonFiniteOutputError, RtsdError
 from rtsd.export.manifest import Manifest
 from rtsd.export.specs import COMPONENTS, ShapeRange
 from rtsd.images import inpainting_mask, init_image_pixels, latent_mask, to_pil
 from rtsd.tokenizer import Tokenizer
+from rtsd.validation import check_request, warn_truncated_prompts
 
 StepCallback = Callable[[int, int, float, Any], None]  # (step index, total steps, timestep, latents) after each step
 
@@ -49,10 +51,11 @@ class GenerationResult:
 class Runtime:
     """Loads an engine directory once; ``generate`` can then be called any number of times."""
 
-    def __init__(self, engine_dir: str | Path, backend: "str | Backend | None" = None):
+    def __init__(self, engine_dir: str | Path, backend: "str | Backend | None" = None, verify: bool = True):
         """backend: None (TensorRT if the directory has plans and TensorRT runs here, else ONNX Runtime), a name
         ("tensorrt", "onnxruntime"), or a configured backend object, e.g.
-        ``OnnxRuntimeBackend(providers=["CPUExecutionProvider"], threads=4)``."""
+        ``OnnxRuntimeBackend(providers=["CPUExecutionProvider"], threads=4)``. verify: check the files' sha256
+        against the manifest (once per file; remembered afterwards, see rtsd.engine.verify)."""
         self.engine_dir = Path(engine_dir)
         self.manifest = manifest = Manifest.read(self.engine_dir)
         if isinstance(backend, Backend):
@@ -60,6 +63,7 @@ class Runtime:
         else:
             chosen = get_backend(backend) if backend else _default_backend(manifest)
         manifest.check_files(self.engine_dir, backend=chosen.name)
+        verify_engine_dir(self.engine_dir, manifest, chosen.name, hashes=verify)
         tokenizer = Tokenizer.load(self.engine_dir / manifest.tokenizer["directory"])
         self._setup(manifest.model, manifest.shape_range, tokenizer, chosen.name,
                     chosen.load(self.engine_dir, manifest, COMPONENTS), manifest.source.get("sha256"))
@@ -97,6 +101,12 @@ class Runtime:
         start = time.perf_counter()
 
         # 1. Check the whole request before any engine runs.
+        checked = check_request(prompt=prompt, negative_prompt=negative_prompt, steps=steps,
+                                guidance_scale=guidance_scale, height=height, width=width, seed=seed,
+                                num_images=num_images, strength=strength, image=image, scheduler=scheduler,
+                                scheduler_options=scheduler_options)
+        seed, guidance_scale = checked["seed"], checked["guidance_scale"]
+        warn_truncated_prompts(self.tokenizer, prompt, negative_prompt)
         prompts, negatives = _prompt_lists(prompt, negative_prompt, num_images)
         n = len(prompts)
         self.shape_range.check(n, height, width)
