@@ -14,6 +14,7 @@ import json
 import math
 import re
 import struct
+import warnings
 import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -226,7 +227,11 @@ def _load_pickle(path: Path) -> dict[str, "torch.Tensor"]:
     _require_regular_file(path, "checkpoint")
     try:
         # mmap needs the zip format torch.save has written since 1.6; older files load into memory.
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols other than 2 (common in Lightning .ckpt files) and the like; the
+            # weights-only unpickler already refuses anything unsafe, so these lines only alarm users.
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:
         if "weights only load failed" not in str(exc).lower():
             raise CheckpointError(f"{path}: corrupt or truncated checkpoint: {_first_line(exc)}") from None

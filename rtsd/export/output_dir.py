@@ -35,6 +35,11 @@ def check_output(output: Path, overwrite: bool) -> None:
                         f"directory name, e.g. --output engines")
     if output.exists() and not output.is_dir():
         raise RtsdError(f"output {output} exists and is not a directory; choose another --output")
+    for parent in output.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise RtsdError(f"output {output}: {parent} is a file, not a directory; choose another --output")
+            break
     if not output.is_dir() or not any(output.iterdir()):
         return
     if not is_engine_dir(output):
