@@ -36,6 +36,8 @@ def check_image_outputs(paths: list[Path]) -> None:
 
     saveable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
     for path in paths:
+        if path.is_dir():
+            raise ValueError(f"-o {path} is a directory; give a file name inside it, e.g. {path / 'image.png'}")
         if path.suffix.lower() not in saveable:
             raise ValueError(f"-o {path}: {'no' if not path.suffix else 'unknown'} image extension "
                              f"{path.suffix!r}; use e.g. {path.with_suffix('.png').name} (.png keeps the parameters)")

@@ -7,6 +7,7 @@ Accepted inputs: a PIL image, a path, or a NumPy array ((H, W, 3) RGB for images
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +70,9 @@ def _open(image, what: str, height: int, width: int):
     if not isinstance(image, (str, Path)):
         return image
     try:
-        opened = Image.open(image)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size check below decides
+            opened = Image.open(image)
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ValueError(f"cannot read {what} {image}: {exc}") from None
     width_got, height_got = opened.size
