@@ -7,7 +7,8 @@
    lie inside the manifest's shape range. Always on; costs milliseconds (``check_contract``).
 3. Hashes: every file with a sha256 in the manifest (ONNX files, external weight files, TensorRT plans, tokenizer
    files) must hash to it. A file that was verified once is remembered by (device, inode, size, mtime, ctime) in the
-   user's cache (``verified_files_cache``), so later loads cost a stat per file. Opt out with
+   user's cache (``verified_files_cache``), so later loads cost a stat per file; the exporter records the files it
+   hashes while writing, so a directory exported on this machine is never hashed again at load. Opt out with
    ``Runtime(..., verify=False)`` / ``rtsd generate --no-verify`` (``check_hashes``).
 
 Why the user cache and not the engine directory: engine directories are often read-only for the serving user, and
@@ -190,6 +191,17 @@ def check_hashes(engine_dir: Path, manifest, backend: str | None) -> None:
         _save_cache(cache)
 
 
+def remember_verified(digests: dict[Path, str]) -> None:
+    """Record files whose sha256 the caller has just computed (the exporter), so the first load needs no hashing."""
+    cache = _load_cache()
+    for path, digest in digests.items():
+        stat = Path(path).stat()
+        key = f"{stat.st_dev}:{stat.st_ino}"
+        cache.pop(key, None)
+        cache[key] = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, digest]
+    _save_cache(cache)
+
+
 def verified_files_cache() -> Path:
     """$RTSD_CACHE_DIR, else $XDG_CACHE_HOME/rtsd, else ~/.cache/rtsd; the file in it remembers verified files."""
     if os.environ.get(CACHE_ENV):
@@ -215,8 +227,11 @@ def _save_cache(files: dict[str, list]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".verified-", dir=path.parent)
+    except OSError:
+        return
+    try:
         with os.fdopen(fd, "w") as handle:
             json.dump({"version": CACHE_VERSION, "files": dict(entries)}, handle)
         os.replace(tmp, path)
     except OSError:
-        pass
+        Path(tmp).unlink(missing_ok=True)

@@ -85,8 +85,8 @@ def _export(checkpoint, output: Path, shape_range: ShapeRange, precision: str, b
                 files = export_component(models, name, work / f"{name}.onnx", shape_range, precision=precision)
                 records[name] = {
                     "onnx": {"file": files[0].name, "data_files": [f.name for f in files[1:]],
-                             "sha256": sha256_file(files[0]), "precision": precision,
-                             "data_sha256": {f.name: sha256_file(f) for f in files[1:]}},
+                             "sha256": _sha256_remembered(files[0]), "precision": precision,
+                             "data_sha256": {f.name: _sha256_remembered(f) for f in files[1:]}},
                     "io": specs[name].to_dict(), "profile": _profile_json(specs[name].profile(shape_range)),
                     "engines": {}}
         manifest = Manifest(model=config, shape_range=shape_range,
@@ -176,7 +176,16 @@ def _prediction_type(requested: str | None, from_files: str | None, folder: bool
 def _tokenizer_record(tokenizer, directory: Path) -> dict:
     return {"directory": "tokenizer", "max_length": tokenizer.max_length, "pad_token_id": tokenizer.pad_token_id,
             "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-            "sha256": {f.name: sha256_file(f) for f in sorted(directory.iterdir()) if f.is_file()}}
+            "sha256": {f.name: _sha256_remembered(f) for f in sorted(directory.iterdir()) if f.is_file()}}
+
+
+def _sha256_remembered(path: Path) -> str:
+    """sha256 for the manifest, also recorded as verified so the first load of this export does not hash again."""
+    from rtsd.engine.verify import remember_verified
+
+    digest = sha256_file(path)
+    remember_verified({path: digest})
+    return digest
 
 
 def _profile_json(profile: dict) -> dict:
