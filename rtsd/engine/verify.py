@@ -63,6 +63,34 @@ def manifest_paths(data: dict[str, Any]) -> Iterator[tuple[str, Any]]:
                 yield f"{name}.engines.{backend}.file", engine["file"]
 
 
+def check_manifest_data(engine_dir: str | Path, data: dict[str, Any]) -> None:
+    """The file-naming parts of a parsed manifest have the right types, and every path stays inside ``engine_dir``."""
+    where = f"{engine_dir}/manifest.json"
+    tokenizer, components = data.get("tokenizer"), data.get("components")
+    if not isinstance(tokenizer, dict) or not isinstance(components, dict) or not isinstance(data.get("source"), dict):
+        raise EngineDirError(f"{where}: 'tokenizer', 'components' and 'source' must be objects; {REEXPORT}")
+    _expect(where, "tokenizer.sha256", tokenizer.get("sha256", {}), dict, str)
+    for name, record in components.items():
+        if not isinstance(record, dict) or not isinstance(record.get("onnx"), dict):
+            raise EngineDirError(f"{where}: components.{name} must be an object with an 'onnx' object; {REEXPORT}")
+        onnx = record["onnx"]
+        _expect(where, f"{name}.onnx.sha256", onnx.get("sha256"), str)
+        _expect(where, f"{name}.onnx.data_files", onnx.get("data_files", []), list, str)
+        _expect(where, f"{name}.onnx.data_sha256", onnx.get("data_sha256", {}), dict, str)
+        _expect(where, f"{name}.engines", record.get("engines", {}), dict, dict)
+        for backend, engine in record.get("engines", {}).items():
+            if engine.get("sha256") is not None:
+                _expect(where, f"{name}.engines.{backend}.sha256", engine["sha256"], str)
+    check_paths(engine_dir, data)
+
+
+def _expect(where: str, field: str, value, kind: type, item: type | None = None) -> None:
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    if not isinstance(value, kind) or (item is not None and not all(isinstance(v, item) for v in items)):
+        shape = f"{kind.__name__} of {item.__name__}" if item else kind.__name__
+        raise EngineDirError(f"{where}: {field} must be a {shape}, got {value!r:.60}; {REEXPORT}")
+
+
 def check_paths(engine_dir: str | Path, data: dict[str, Any]) -> None:
     """Refuse a manifest naming a path outside ``engine_dir`` (absolute, ``..``, or a symlink leading out)."""
     root = Path(engine_dir).resolve()
@@ -86,10 +114,10 @@ def check_paths(engine_dir: str | Path, data: dict[str, Any]) -> None:
 def check_contract(engine_dir: Path, manifest) -> None:
     """ONNX declarations == manifest spec == the spec of the manifest's model, fixed dims inside the shape range."""
     from rtsd.engine.onnx_header import OnnxHeaderError, read_io
-    from rtsd.export.specs import specs_for
+    from rtsd.export.specs import COMPONENTS, specs_for
 
     expected = specs_for(manifest.model)
-    for name in manifest.components:
+    for name in [c for c in COMPONENTS if c in manifest.components]:
         spec = manifest.spec(name)
         if name in expected and _io(spec) != _io(expected[name]):
             raise EngineDirError(f"{engine_dir}: the manifest's {name} I/O {_describe(_io(spec))} is not what a "

@@ -99,9 +99,9 @@ class Manifest:
         if version != FORMAT_VERSION:
             raise EngineDirError(f"{path} has format_version {version!r}, this rtsd reads format_version "
                                  f"{FORMAT_VERSION}; re-export with this rtsd (`rtsd export`) or use a matching rtsd")
-        from rtsd.engine.verify import check_paths
+        from rtsd.engine.verify import check_manifest_data
 
-        check_paths(engine_dir, data)  # before any file the manifest names is opened
+        check_manifest_data(engine_dir, data)  # types and paths, before any file the manifest names is opened
         try:
             manifest = cls(
                 model=ModelConfig.from_dict(data["model"]),
