@@ -2,11 +2,11 @@
 
 1. Paths: every file the manifest names stays inside the engine directory (no absolute paths, no ``..``), so a
    tampered manifest cannot make the runtime load or hash files from elsewhere. Always on (``check_paths``).
-2. Contract: each ONNX file's declared inputs and outputs (read from its protobuf header, weights skipped) match the
-   manifest's I/O spec, the spec matches the manifest's model family (``specs_for(manifest.model)``), and fixed dims
-   lie inside the manifest's shape range. Always on; costs milliseconds (``check_contract``).
-3. Hashes: every file with a sha256 in the manifest (ONNX files, external weight files, TensorRT plans, tokenizer
-   files) must hash to it. A file that was verified once is remembered by (device, inode, size, mtime, ctime) in the
+2. Contract: the manifest's I/O spec matches its model family (``specs_for(manifest.model)``); for ONNX Runtime,
+   each ONNX file's declared inputs and outputs (read from its protobuf header, weights skipped) match that spec and
+   their fixed dims lie inside the manifest's shape range. Always on; costs milliseconds (``check_contract``).
+3. Hashes: every file the chosen backend reads that has a sha256 in the manifest (ONNX files and their external
+   weight files for ONNX Runtime, plans for TensorRT, tokenizer files for all) must hash to it. A file that was verified once is remembered by (device, inode, size, mtime, ctime) in the
    user's cache (``verified_files_cache``), so later loads cost a stat per file; the exporter records the files it
    hashes while writing, so a directory exported on this machine is never hashed again at load. Opt out with
    ``Runtime(..., verify=False)`` / ``rtsd generate --no-verify`` (``check_hashes``).
@@ -34,11 +34,14 @@ REEXPORT = "re-export the engine directory with `rtsd export`"
 
 
 def verify_engine_dir(engine_dir: str | Path, manifest, backend: str | None, *, hashes: bool = True) -> None:
-    """All three checks for the files ``backend`` will load (paths are checked by ``Manifest.read``)."""
+    """Checks 2 and 3 for the files ``backend`` will load (paths are checked by ``Manifest.read``).
+
+    ONNX Runtime loads the ONNX files, TensorRT the plans (tied to their ONNX by ``onnx_sha256`` in staleness.py);
+    a backend of another name (a stand-in, a custom object) gets the family check and the tokenizer's hashes."""
     engine_dir = Path(engine_dir)
     if hashes:
         check_hashes(engine_dir, manifest, backend)
-    check_contract(engine_dir, manifest)
+    check_contract(engine_dir, manifest, onnx_files=backend == "onnxruntime")
 
 
 # ---------------------------------------------------------------------------------------------------------- paths
@@ -61,6 +64,9 @@ def manifest_paths(data: dict[str, Any]) -> Iterator[tuple[str, Any]]:
         for backend, engine in (engines.items() if isinstance(engines, dict) else ()):
             if isinstance(engine, dict) and "file" in engine:
                 yield f"{name}.engines.{backend}.file", engine["file"]
+            fallback = engine.get("fallback") if isinstance(engine, dict) else None
+            if isinstance(fallback, dict) and "file" in fallback:
+                yield f"{name}.engines.{backend}.fallback.file", fallback["file"]
 
 
 def check_manifest_data(engine_dir: str | Path, data: dict[str, Any]) -> None:
@@ -68,11 +74,13 @@ def check_manifest_data(engine_dir: str | Path, data: dict[str, Any]) -> None:
     where = f"{engine_dir}/manifest.json"
     tokenizer, components = data.get("tokenizer"), data.get("components")
     if not isinstance(tokenizer, dict) or not isinstance(components, dict) or not isinstance(data.get("source"), dict):
-        raise EngineDirError(f"{where}: 'tokenizer', 'components' and 'source' must be objects; {REEXPORT}")
+        raise EngineDirError(f"{where} is incomplete or malformed: 'tokenizer', 'components' and 'source' must be "
+                             f"objects; {REEXPORT}")
     _expect(where, "tokenizer.sha256", tokenizer.get("sha256", {}), dict, str)
     for name, record in components.items():
         if not isinstance(record, dict) or not isinstance(record.get("onnx"), dict):
-            raise EngineDirError(f"{where}: components.{name} must be an object with an 'onnx' object; {REEXPORT}")
+            raise EngineDirError(f"{where} is incomplete or malformed: components.{name} must be an object with an "
+                                 f"'onnx' object; {REEXPORT}")
         onnx = record["onnx"]
         _expect(where, f"{name}.onnx.sha256", onnx.get("sha256"), str)
         _expect(where, f"{name}.onnx.data_files", onnx.get("data_files", []), list, str)
@@ -88,7 +96,8 @@ def _expect(where: str, field: str, value, kind: type, item: type | None = None)
     items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
     if not isinstance(value, kind) or (item is not None and not all(isinstance(v, item) for v in items)):
         shape = f"{kind.__name__} of {item.__name__}" if item else kind.__name__
-        raise EngineDirError(f"{where}: {field} must be a {shape}, got {value!r:.60}; {REEXPORT}")
+        raise EngineDirError(f"{where} is incomplete or malformed: {field} must be a {shape}, got {value!r:.60}; "
+                             f"{REEXPORT}")
 
 
 def check_paths(engine_dir: str | Path, data: dict[str, Any]) -> None:
@@ -111,8 +120,9 @@ def check_paths(engine_dir: str | Path, data: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------------------- contract
 
 
-def check_contract(engine_dir: Path, manifest) -> None:
-    """ONNX declarations == manifest spec == the spec of the manifest's model, fixed dims inside the shape range."""
+def check_contract(engine_dir: Path, manifest, onnx_files: bool = True) -> None:
+    """Manifest spec == the spec of the manifest's model; with ``onnx_files``, also == the ONNX files' declarations,
+    whose fixed dims lie inside the shape range."""
     from rtsd.engine.onnx_header import OnnxHeaderError, read_io
     from rtsd.export.specs import COMPONENTS, specs_for
 
@@ -123,6 +133,8 @@ def check_contract(engine_dir: Path, manifest) -> None:
             raise EngineDirError(f"{engine_dir}: the manifest's {name} I/O {_describe(_io(spec))} is not what a "
                                  f"{manifest.model.family} model has ({_describe(_io(expected[name]))}); the manifest "
                                  f"was edited or mixed from two exports: {REEXPORT}")
+        if not onnx_files:
+            continue
         path = manifest.onnx_path(engine_dir, name)
         try:
             inputs, outputs = read_io(path)
@@ -180,12 +192,13 @@ def hashed_files(manifest, backend: str | None) -> list[tuple[str, str]]:
     files: list[tuple[str, str]] = []
     for name, record in manifest.components.items():
         onnx = record["onnx"]
-        if backend != "tensorrt" or not (record.get("engines") or {}).get("tensorrt"):
+        if backend == "onnxruntime":
             files.append((onnx["file"], onnx["sha256"]))
             files += sorted((onnx.get("data_sha256") or {}).items())
         engine = (record.get("engines") or {}).get(backend) if backend else None
-        if engine and engine.get("sha256"):
-            files.append((engine["file"], engine["sha256"]))
+        for plan in (engine, (engine or {}).get("fallback")):
+            if isinstance(plan, dict) and plan.get("sha256"):
+                files.append((plan["file"], plan["sha256"]))
     directory = manifest.tokenizer.get("directory", "tokenizer")
     files += sorted((f"{directory}/{file}", digest) for file, digest in (manifest.tokenizer.get("sha256") or {}).items())
     return files
