@@ -82,8 +82,11 @@ def remove_stale_work_dirs(output: Path) -> list[Path]:
         pid = int(match.group(1)) if match.group(1) else None
         if pid is not None and (pid == os.getpid() or _alive(pid)):
             continue
-        if pid is None and time.time() - candidate.stat().st_mtime < STALE_UNTAGGED_AGE_S:
-            continue  # an older rtsd's export may still be writing it
+        try:
+            if pid is None and time.time() - candidate.stat().st_mtime < STALE_UNTAGGED_AGE_S:
+                continue  # an older rtsd's export may still be writing it
+        except OSError:
+            continue  # removed meanwhile by another export
         shutil.rmtree(candidate, ignore_errors=True)
         removed.append(candidate)
     return removed
