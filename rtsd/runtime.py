@@ -64,6 +64,7 @@ class Runtime:
             chosen = get_backend(backend) if backend else _default_backend(manifest)
         manifest.check_files(self.engine_dir, backend=chosen.name)
         verify_engine_dir(self.engine_dir, manifest, chosen.name, hashes=verify)
+        self.verified = verify  # unverified files can also be why outputs are non-finite
         tokenizer = Tokenizer.load(self.engine_dir / manifest.tokenizer["directory"])
         self._setup(manifest.model, manifest.shape_range, tokenizer, chosen.name,
                     chosen.load(self.engine_dir, manifest, COMPONENTS), manifest.source.get("sha256"))
@@ -190,8 +191,11 @@ class Runtime:
         pixels = self.engines["vae_decoder"].to_host(pixels)
         timings["vae_decode"] = time.perf_counter() - t0
         if not np.isfinite(pixels).all():
-            raise NonFiniteOutputError("the VAE decoder produced non-finite values (fp16 overflow?); re-export with an "
-                                       "fp32 VAE (`rtsd export --fp32-vae`) instead of writing a black image")
+            unverified = "" if getattr(self, "verified", True) else (
+                " or damaged engine files (loaded with --no-verify: load once without it to check their hashes)")
+            raise NonFiniteOutputError(f"the VAE decoder produced non-finite values (fp16 overflow?{unverified}); "
+                                       "re-export with an fp32 VAE (`rtsd export --fp32-vae`) instead of writing a "
+                                       "black image")
         images = to_pil(pixels)
         timings["total"] = time.perf_counter() - start
         parameters = {"prompt": prompts[0] if n == 1 else prompts, "negative_prompt": negatives[0] if n == 1 else negatives,

@@ -216,3 +216,15 @@ def test_a_fresh_export_is_loaded_without_hashing_again(tiny_checkpoint, tmp_pat
     manifest = SimpleNamespace(components=data["components"], tokenizer=data["tokenizer"])
     verify.check_hashes(out, manifest, "onnxruntime")
     assert hashed == [] and len(verify.hashed_files(manifest, "onnxruntime")) >= 2  # the exporter hashed them
+
+
+def test_non_finite_output_of_unverified_engines_names_damaged_files(tiny_engine_dir, monkeypatch):
+    from rtsd.errors import NonFiniteOutputError
+
+    for verify_files, hint in ((False, True), (True, False)):
+        runtime = Runtime(tiny_engine_dir, backend="onnxruntime", verify=verify_files)
+        monkeypatch.setattr(runtime.engines["vae_decoder"], "infer",
+                            lambda feeds: {"images": np.full((1, 3, 128, 128), np.nan, np.float32)})
+        with pytest.raises(NonFiniteOutputError) as info:
+            runtime.generate("a", steps=1, height=128, width=128, seed=0)
+        assert ("damaged engine files (loaded with --no-verify" in str(info.value)) is hint
