@@ -164,6 +164,7 @@ def _plan(args, cache: Path) -> Plan:
     if unknown:
         raise SystemExit(f"error: unknown contender(s) {', '.join(unknown)}; choose from "
                          f"{', '.join(RTSD_CONTENDERS + BASELINES)}")
+    contenders = runnable_contenders(contenders)
     return Plan(device=device, checkpoint=checkpoint, preset=preset, height=size, width=size, steps=steps,
                 guidance=args.guidance, scheduler=args.scheduler, threads=args.threads or machine.describe()["usable_cores"],
                 rounds=args.rounds or (3 if not (gpu or args.quick) else 1),
@@ -171,6 +172,30 @@ def _plan(args, cache: Path) -> Plan:
                 stage_runs=args.stage_runs or (3 if args.quick else 20 if gpu else 2),
                 warmup=args.warmup if args.warmup is not None else (2 if gpu else 1), contenders=contenders,
                 ort_config=dict(entry.split("=", 1) for entry in args.ort_config))
+
+
+# What each contender's worker imports beyond rtsd's runtime, and the install command that brings it.
+CONTENDER_NEEDS = {
+    "diffusers": (("diffusers", "transformers", "accelerate", "torch"), "pip install 'rtsd[dev]'"),
+    "pytorch-reference": (("torch",), "pip install 'rtsd[export]'"),
+    "onnxruntime-cpu": (("onnxruntime",), "pip install 'rtsd[onnx]'"),
+    "onnxruntime-cuda": (("onnxruntime",), "pip install onnxruntime-gpu"),
+    "tensorrt": (("tensorrt", "cupy"), "pip install 'rtsd[tensorrt]'"),
+}
+
+
+def runnable_contenders(contenders: list[str]) -> list[str]:
+    """Drop a contender whose packages are missing, with one line naming them and the install command (its worker
+    would otherwise die with an ImportError traceback halfway through the run)."""
+    kept = []
+    for name in contenders:
+        modules, command = CONTENDER_NEEDS.get(name, ((), ""))
+        missing = [m for m in modules if importlib.util.find_spec(m) is None]
+        if missing:
+            say(f"skipping {name}: {', '.join(missing)} not installed ({command})")
+        else:
+            kept.append(name)
+    return kept
 
 
 def _available_contenders(device: str) -> list[str]:

@@ -14,6 +14,7 @@ import json
 import math
 import re
 import struct
+import warnings
 import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -123,6 +124,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.is_dir():
         return _open_diffusers(path)
+    _require_regular_file(path, "checkpoint")
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
         checkpoint = _single_file(path, "safetensors", read_safetensors_header(path))
@@ -175,6 +177,7 @@ def _no_model_keys_message(path: Path, entries: Iterable[str]) -> str:
 
 def read_safetensors_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     """key -> (shape, dtype name) from a safetensors header, after checking every size against the file length."""
+    _require_regular_file(path, "safetensors file")
     size = path.stat().st_size
     with open(path, "rb") as f:
         if size < 8:
@@ -221,9 +224,14 @@ def _load_pickle(path: Path) -> dict[str, "torch.Tensor"]:
     import pickle
 
     torch = _import_torch(f"Reading {path.suffix} checkpoints")
+    _require_regular_file(path, "checkpoint")
     try:
         # mmap needs the zip format torch.save has written since 1.6; older files load into memory.
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols other than 2 (common in Lightning .ckpt files) and the like; the
+            # weights-only unpickler already refuses anything unsafe, so these lines only alarm users.
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:
         if "weights only load failed" not in str(exc).lower():
             raise CheckpointError(f"{path}: corrupt or truncated checkpoint: {_first_line(exc)}") from None
@@ -238,6 +246,18 @@ def _load_pickle(path: Path) -> dict[str, "torch.Tensor"]:
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: not a state dict (the file holds a {type(obj).__name__})")
     return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+
+
+def _require_regular_file(path: Path, what: str) -> None:
+    """Refuse FIFOs, devices and sockets before opening: reading a FIFO blocks forever, a device never ends."""
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be read ({_first_line(exc)})") from None
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"{path}: not a regular file (a FIFO, device or socket); pass the {what} file itself")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -393,6 +413,7 @@ def _torch_dtype_name(tensor: "torch.Tensor") -> str:
 # -------------------------------------------------------------------------------------------- prediction type, info
 
 _PARAMETERIZATION = {"eps": "epsilon", "v": "v_prediction"}
+_MAX_YAML_BYTES = 256 * 1024  # LDM's v1-inference.yaml is ~2 KB; the cap only stops a hostile or wrong file
 
 
 def read_prediction_type(checkpoint_path: str | Path) -> str | None:
@@ -424,6 +445,11 @@ def read_prediction_type(checkpoint_path: str | Path) -> str | None:
 
 
 def _yaml_parameterization(yaml_file: Path) -> str | None:
+    _require_regular_file(yaml_file, "original-config YAML")
+    size = yaml_file.stat().st_size
+    if size > _MAX_YAML_BYTES:
+        raise CheckpointError(f"{yaml_file}: {size} bytes is far more than an original-config YAML holds "
+                              f"(at most {_MAX_YAML_BYTES // 1024} KiB); remove it or replace it with the real one")
     try:
         text = yaml_file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -437,12 +463,32 @@ def _yaml_parameterization(yaml_file: Path) -> str | None:
         match = re.search(r"^\s*parameterization:\s*[\"']?([\w-]+)", text, flags=re.MULTILINE)
         return match.group(1) if match else None
     try:
-        data = yaml.safe_load(text)
+        # compose() builds the node graph without constructing Python objects: an alias is one shared node, so an
+        # alias bomb (a: &a [x, x], b: &b [*a, *a], ...) stays as small as its text instead of expanding to GBs.
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
         raise CheckpointError(f"{yaml_file}: not valid YAML ({_first_line(exc)})") from None
-    params = ((data or {}).get("model") or {}).get("params") or {} if isinstance(data, dict) else {}
-    value = params.get("parameterization")
-    return None if value is None else str(value)
+    node = root
+    for key in ("model", "params", "parameterization"):
+        node = _yaml_child(node, key)
+    if node is None or (isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null")):
+        return None
+    if not isinstance(node, yaml.ScalarNode):
+        raise CheckpointError(f"{yaml_file}: model.params.parameterization must be a plain value ('eps' or 'v'), "
+                              f"got a YAML {node.id}; fix or remove the YAML")
+    return str(node.value)
+
+
+def _yaml_child(node, key: str):
+    """The value node under ``key`` of a YAML mapping node, or None; never builds the rest of the document."""
+    import yaml
+
+    if not isinstance(node, yaml.MappingNode):
+        return None
+    for key_node, value_node in node.value:
+        if isinstance(key_node, yaml.ScalarNode) and key_node.value == key:
+            return value_node
+    return None
 
 
 def model_config(checkpoint: Checkpoint) -> ModelConfig:

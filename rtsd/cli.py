@@ -13,23 +13,26 @@ from pathlib import Path
 
 from rtsd.errors import RtsdError
 
-USER_ERRORS = (RtsdError, ValueError, TypeError, FileNotFoundError, PermissionError)
+USER_ERRORS = (RtsdError, ValueError, TypeError, OSError)  # OSError: paths (exists, not a directory, no space)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rtsd.cli_checks import error_line, one_line_warnings
+
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        return args.run(args) or 0
+        with one_line_warnings(f"rtsd {args.command}"):
+            return args.run(args) or 0
+    except BrokenPipeError:  # `rtsd info ... | head`: the reader left; not an error
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except USER_ERRORS as exc:
-        print(f"rtsd {args.command}: error: {exc}", file=sys.stderr)
+        print(f"rtsd {args.command}: error: {error_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"rtsd {args.command}: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # `rtsd info ... | head`: the reader left; not an error
-        sys.stdout = open(os.devnull, "w")
-        return 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -82,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--strength", type=float, default=None,
                    help="how much of the init image to repaint (default: 0.8 for img2img, 1.0 for inpainting)")
     p.add_argument("--backend", choices=("tensorrt", "onnxruntime"), default=None)
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip checking the engine files' sha256 against the manifest (done once per file otherwise)")
     p.set_defaults(run=_generate)
 
     p = sub.add_parser("parity", help="compare an engine directory with the PyTorch reference")
@@ -136,12 +141,16 @@ def _export(args) -> int:
 
 
 def _generate(args) -> int:
+    from rtsd.cli_checks import check_image_outputs
     from rtsd.runtime import Runtime
 
     if args.mask is not None and args.image is None:
         raise ValueError("--mask needs --image: the image to inpaint (white mask pixels are repainted)")
+    if args.strength is not None and args.image is None:
+        raise ValueError("--strength needs --image: it sets how much of the init image is repainted")
+    check_image_outputs(_output_paths(args.output, max(args.num_images, 1)))
     width, height = _size(args.size, args.image)
-    runtime = Runtime(args.engine_dir, backend=args.backend)
+    runtime = Runtime(args.engine_dir, backend=args.backend, verify=not args.no_verify)
     result = runtime.generate(args.prompt, args.negative, steps=args.steps, guidance_scale=args.cfg, height=height,
                               width=width, seed=args.seed, scheduler=args.scheduler, num_images=args.num_images,
                               image=args.image, mask_image=args.mask, strength=args.strength,
@@ -154,8 +163,13 @@ def _generate(args) -> int:
 
 
 def _parity(args) -> int:
+    from rtsd.cli_checks import check_file_output
     from rtsd.export.parity import check_engine_dir
 
+    if args.steps < 1:
+        raise ValueError(f"--steps must be at least 1 for the end-to-end check, got {args.steps}")
+    if args.json:
+        check_file_output(args.json, "--json")
     report = check_engine_dir(args.engine_dir, args.checkpoint, backend=args.backend, steps=args.steps)
     print(report.table())
     if args.json:
@@ -224,7 +238,7 @@ def _size(text: str | None, image: Path | None) -> tuple[int, int]:
         try:
             with Image.open(image) as handle:
                 return handle.size
-        except OSError as exc:
+        except (OSError, Image.DecompressionBombError) as exc:
             raise ValueError(f"cannot read init image {image}: {exc}") from None
     try:
         width, height = (int(v) for v in text.lower().split("x"))

@@ -7,6 +7,7 @@ Accepted inputs: a PIL image, a path, or a NumPy array ((H, W, 3) RGB for images
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ def init_image_pixels(image, height: int, width: int, n: int) -> np.ndarray:
     """An RGB init image of exactly (width, height) -> float32 (n, 3, H, W) in [0, 1]."""
     from PIL import Image
 
-    image = _open(image, "init image")
+    image = _open(image, "init image", height, width)
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"an init image array must be (height, width, 3) RGB, got shape {image.shape}")
@@ -39,7 +40,7 @@ def inpainting_mask(mask, height: int, width: int) -> np.ndarray:
     """
     from PIL import Image
 
-    mask = _open(mask, "mask image")
+    mask = _open(mask, "mask image", height, width)
     if isinstance(mask, np.ndarray):
         if mask.ndim == 3 and mask.shape[2] == 1:
             mask = mask[:, :, 0]
@@ -62,16 +63,24 @@ def latent_mask(mask: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(mask[:, :, ::8, ::8])
 
 
-def _open(image, what: str):
+def _open(image, what: str, height: int, width: int):
+    """Open a path, checking the size in its header before decoding: a small file can decode to GBs of pixels."""
     from PIL import Image
 
     if not isinstance(image, (str, Path)):
         return image
     try:
-        opened = Image.open(image)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size check below decides
+            opened = Image.open(image)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"cannot read {what} {image}: {exc}") from None
+    width_got, height_got = opened.size
+    _check_size((height_got, width_got), height, width, what)
+    try:
         opened.load()
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read {what}: {exc}") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"cannot read {what} {image}: {exc}") from None
     return opened
 
 

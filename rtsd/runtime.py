@@ -28,12 +28,14 @@ import numpy as np
 from rtsd import schedulers
 from rtsd.engine import get_backend
 from rtsd.engine.base import Backend
+from rtsd.engine.verify import verify_engine_dir
 from rtsd.errors import NonFiniteOutputError, RtsdError
 from rtsd.export.manifest import Manifest
 from rtsd.export.specs import COMPONENTS, ShapeRange
 from rtsd.images import inpainting_mask, init_image_pixels, latent_mask, to_pil
 from rtsd.noise import SeededNoise
 from rtsd.tokenizer import Tokenizer
+from rtsd.validation import check_request, warn_truncated_prompts
 
 StepCallback = Callable[[int, int, float, Any], None]  # (step index, total steps, timestep, latents) after each step
 
@@ -49,10 +51,11 @@ class GenerationResult:
 class Runtime:
     """Loads an engine directory once; ``generate`` can then be called any number of times."""
 
-    def __init__(self, engine_dir: str | Path, backend: "str | Backend | None" = None):
+    def __init__(self, engine_dir: str | Path, backend: "str | Backend | None" = None, verify: bool = True):
         """backend: None (TensorRT if the directory has plans and TensorRT runs here, else ONNX Runtime), a name
         ("tensorrt", "onnxruntime"), or a configured backend object, e.g.
-        ``OnnxRuntimeBackend(providers=["CPUExecutionProvider"], threads=4)``."""
+        ``OnnxRuntimeBackend(providers=["CPUExecutionProvider"], threads=4)``. verify: check the files' sha256
+        against the manifest (once per file; remembered afterwards, see rtsd.engine.verify)."""
         self.engine_dir = Path(engine_dir)
         self.manifest = manifest = Manifest.read(self.engine_dir)
         if isinstance(backend, Backend):
@@ -60,6 +63,8 @@ class Runtime:
         else:
             chosen = get_backend(backend) if backend else _default_backend(manifest)
         manifest.check_files(self.engine_dir, backend=chosen.name)
+        verify_engine_dir(self.engine_dir, manifest, chosen.name, hashes=verify)
+        self.verified = verify  # unverified files can also be why outputs are non-finite
         tokenizer = Tokenizer.load(self.engine_dir / manifest.tokenizer["directory"])
         self._setup(manifest.model, manifest.shape_range, tokenizer, chosen.name,
                     chosen.load(self.engine_dir, manifest, COMPONENTS), manifest.source.get("sha256"))
@@ -100,6 +105,12 @@ class Runtime:
         start = time.perf_counter()
 
         # 1. Check the whole request before any engine runs.
+        checked = check_request(prompt=prompt, negative_prompt=negative_prompt, steps=steps,
+                                guidance_scale=guidance_scale, height=height, width=width, seed=seed,
+                                num_images=num_images, strength=strength, image=image, scheduler=scheduler,
+                                scheduler_options=scheduler_options)
+        seed, guidance_scale = checked["seed"], checked["guidance_scale"]
+        warn_truncated_prompts(self.tokenizer, prompt, negative_prompt)
         prompts, negatives = _prompt_lists(prompt, negative_prompt, num_images)
         n = len(prompts)
         self.shape_range.check(n, height, width)
@@ -183,8 +194,11 @@ class Runtime:
         pixels = self.engines["vae_decoder"].to_host(pixels)
         timings["vae_decode"] = time.perf_counter() - t0
         if not np.isfinite(pixels).all():
-            raise NonFiniteOutputError("the VAE decoder produced non-finite values (fp16 overflow?); re-export with an "
-                                       "fp32 VAE (`rtsd export --fp32-vae`) instead of writing a black image")
+            unverified = "" if getattr(self, "verified", True) else (
+                " or damaged engine files (loaded with --no-verify: load once without it to check their hashes)")
+            raise NonFiniteOutputError(f"the VAE decoder produced non-finite values (fp16 overflow?{unverified}); "
+                                       "re-export with an fp32 VAE (`rtsd export --fp32-vae`) instead of writing a "
+                                       "black image")
         images = to_pil(pixels)
         timings["total"] = time.perf_counter() - start
         parameters = {"prompt": prompts[0] if n == 1 else prompts, "negative_prompt": negatives[0] if n == 1 else negatives,

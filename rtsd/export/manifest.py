@@ -8,10 +8,14 @@ Layout (format_version 1):
     scheduler: SchedulerDefaults            (num_train_timesteps, betas, prediction_type, spacing)
     tokenizer: {directory, max_length, pad_token_id, bos_token_id, eos_token_id}
     shape_range: ShapeRange.to_dict()       (images per call, image sizes the engines cover)
-    components: {name: {onnx: {file, data_files, sha256, precision}, io: IOSpec.to_dict(),
+    components: {name: {onnx: {file, data_files, sha256, precision, data_sha256?}, io: IOSpec.to_dict(),
                         profile: {input: {min, opt, max}},
                         engines: {tensorrt: {file, sha256, precision, tensorrt_version, gpu, compute_capability,
                                              onnx_sha256, fp32_layers}}}}
+
+Optional fields (readers tolerate their absence; directories written before them still load): ``tokenizer.sha256``
+{file: sha256} and ``onnx.data_sha256`` {data file: sha256}. Every path is relative to the engine directory and
+stays inside it (``rtsd.engine.verify`` checks paths at read and hashes at load).
 
 NumPy/stdlib only: the torch-free runtime reads it.
 """
@@ -95,6 +99,9 @@ class Manifest:
         if version != FORMAT_VERSION:
             raise EngineDirError(f"{path} has format_version {version!r}, this rtsd reads format_version "
                                  f"{FORMAT_VERSION}; re-export with this rtsd (`rtsd export`) or use a matching rtsd")
+        from rtsd.engine.verify import check_manifest_data
+
+        check_manifest_data(engine_dir, data)  # types and paths, before any file the manifest names is opened
         try:
             manifest = cls(
                 model=ModelConfig.from_dict(data["model"]),

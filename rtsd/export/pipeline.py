@@ -9,13 +9,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Sequence
 
 from rtsd.errors import MissingDependencyError, RtsdError
 from rtsd.export.manifest import Manifest, sha256_file
+from rtsd.export.output_dir import check_output, make_work_dir, remove_stale_work_dirs, sigterm_as_interrupt
 from rtsd.export.specs import COMPONENTS, ShapeRange, specs_for
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -39,6 +39,14 @@ def export(checkpoint: str | Path, output: str | Path, *, shape_range: ShapeRang
     output = Path(output)
     say = progress or (lambda message: None)
     _check_request(output, overwrite, precision, backend, prediction_type)
+    with sigterm_as_interrupt():
+        return _export(checkpoint, output, shape_range, precision, backend, prediction_type, say, tensorrt_options,
+                       components, clip_skip, check)
+
+
+def _export(checkpoint, output: Path, shape_range: ShapeRange, precision: str, backend: str,
+            prediction_type: str | None, say: Progress, tensorrt_options: dict | None, components: Sequence[str],
+            clip_skip: int | None, check: bool) -> Path:
     if backend == "tensorrt":
         from rtsd.export.tensorrt import require_tensorrt
 
@@ -64,9 +72,9 @@ def export(checkpoint: str | Path, output: str | Path, *, shape_range: ShapeRang
         say(f"      {config.family}, prediction type {chosen} ({origin}), "
             f"text layer {config.text_encoder.output_layer} (clip skip {-config.text_encoder.output_layer})")
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    work.chmod(0o755)  # mkdtemp makes it private; the engine dir is read by serving processes of other users
+    for stale in remove_stale_work_dirs(output):
+        say(f"      removed {stale.name}, left by an export that was killed")
+    work = make_work_dir(output)
     try:
         with stage("writing tokenizer"):
             models.tokenizer.save(work / "tokenizer")
@@ -77,10 +85,12 @@ def export(checkpoint: str | Path, output: str | Path, *, shape_range: ShapeRang
                 files = export_component(models, name, work / f"{name}.onnx", shape_range, precision=precision)
                 records[name] = {
                     "onnx": {"file": files[0].name, "data_files": [f.name for f in files[1:]],
-                             "sha256": sha256_file(files[0]), "precision": precision},
+                             "sha256": _sha256_remembered(files[0]), "precision": precision,
+                             "data_sha256": {f.name: _sha256_remembered(f) for f in files[1:]}},
                     "io": specs[name].to_dict(), "profile": _profile_json(specs[name].profile(shape_range)),
                     "engines": {}}
-        manifest = Manifest(model=config, shape_range=shape_range, tokenizer=_tokenizer_record(models.tokenizer),
+        manifest = Manifest(model=config, shape_range=shape_range,
+                            tokenizer=_tokenizer_record(models.tokenizer, work / "tokenizer"),
                             source={"checkpoint": Path(checkpoint).name, "sha256": source.sha256(),
                                     "format": source.format},
                             components=records)
@@ -124,10 +134,7 @@ def _check_parity(work: Path, models, backend: str, shape_range: ShapeRange) -> 
 
 
 def _check_request(output: Path, overwrite: bool, precision: str, backend: str, prediction_type: str | None) -> None:
-    if output.exists() and not output.is_dir():
-        raise RtsdError(f"output {output} exists and is not a directory; choose another --output")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise RtsdError(f"output directory {output} is not empty; pass --force to replace it")
+    check_output(output, overwrite)
     if precision not in ("fp32", "fp16"):
         raise ValueError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
     if backend not in ("onnx", "tensorrt"):
@@ -166,9 +173,19 @@ def _prediction_type(requested: str | None, from_files: str | None, folder: bool
     return "epsilon", "default: weights cannot tell; pass --prediction-type v_prediction for 768-v models"
 
 
-def _tokenizer_record(tokenizer) -> dict:
+def _tokenizer_record(tokenizer, directory: Path) -> dict:
     return {"directory": "tokenizer", "max_length": tokenizer.max_length, "pad_token_id": tokenizer.pad_token_id,
-            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "sha256": {f.name: _sha256_remembered(f) for f in sorted(directory.iterdir()) if f.is_file()}}
+
+
+def _sha256_remembered(path: Path) -> str:
+    """sha256 for the manifest, also recorded as verified so the first load of this export does not hash again."""
+    from rtsd.engine.verify import remember_verified
+
+    digest = sha256_file(path)
+    remember_verified({path: digest})
+    return digest
 
 
 def _profile_json(profile: dict) -> dict:
