@@ -5,6 +5,16 @@ from __future__ import annotations
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def verification_cache(tmp_path_factory):
+    """Engine verification remembers hashed files in the user's cache; tests keep that record in their own folder
+    (subprocesses started by tests inherit it), never in the home directory."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RTSD_CACHE_DIR", str(tmp_path_factory.mktemp("rtsd-cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """Path of a ``tiny`` preset single-file checkpoint (SD 1.x layout, seed 0, fp32)."""
