@@ -11,9 +11,11 @@ import dataclasses
 
 import pytest
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
+from tests.optional import require  # noqa: E402
+
+torch = require("torch")
+diffusers = require("diffusers")
+transformers = require("transformers")
 
 from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
 from diffusers.loaders import single_file_utils as sfu  # noqa: E402
