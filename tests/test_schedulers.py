@@ -445,3 +445,12 @@ def test_step_code_uses_only_array_operators(name):
         y = wrapped.step(OperatorOnlyArray(out), i, y, noise=None if noise is None else OperatorOnlyArray(noise))
     assert isinstance(y, OperatorOnlyArray)
     np.testing.assert_array_equal(y.data, x)
+
+
+def test_every_scheduler_is_pinned_to_its_diffusers_class():
+    """The oracle's name -> class table (written in tests/scheduler_oracle.py) covers every rtsd scheduler, and
+    rtsd's own table, used to read diffusers scheduler configs, agrees with it."""
+    assert set(DIFFUSERS_CLASS) == set(available())
+    for name, cls in DIFFUSERS_CLASS.items():
+        assert scheduler_class(name).diffusers_class == cls, name
+        assert hasattr(diffusers, cls), cls
