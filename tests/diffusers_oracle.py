@@ -94,6 +94,10 @@ SCHEDULER_CONFIGS = {
     # stabilityai/stable-diffusion-2-1 (the 768-v model)
     "sd21-v": {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
                "steps_offset": 1, "timestep_spacing": "leading", "prediction_type": "v_prediction"},
+    # stabilityai/stable-diffusion-2-1-base (the 512 px model, epsilon)
+    "sd21-base": {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                  "beta_schedule": "scaled_linear", "steps_offset": 1, "timestep_spacing": "leading",
+                  "prediction_type": "epsilon"},
     # stabilityai/stable-diffusion-2-inpainting (epsilon: v2-inpainting-inference.yaml sets no parameterization)
     "sd2-inpainting": {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
                        "beta_schedule": "scaled_linear", "steps_offset": 1, "timestep_spacing": "leading",
@@ -205,7 +209,7 @@ def _assign(module: torch.nn.Module, state: dict[str, torch.Tensor], dtype: torc
 
 def diffusers_scheduler(name: str, release: str, **options):
     """The diffusers scheduler for rtsd's ``name`` on the training schedule of ``release`` (a SCHEDULER_CONFIGS
-    key: "sd15", "sd21-v", "sd2-inpainting"); ``options`` are further config keys (e.g. DDIM's set_alpha_to_one)."""
+    key: "sd15", "sd21-v", "sd21-base", "sd2-inpainting"); ``options`` are further config keys (e.g. DDIM's set_alpha_to_one)."""
     import diffusers
 
     return getattr(diffusers, DIFFUSERS_SCHEDULERS[name])(**SCHEDULER_CONFIGS[release], **options)

@@ -13,6 +13,7 @@ import pytest
 from rtsd.engine.cuda import EventTimer, GraphCache, GrowOnlyBuffers, data_pointer
 from rtsd.config import ModelConfig
 from rtsd.export.specs import COMPONENTS, ShapeRange
+from tests.optional import require
 from tests.tensorrt_sim import (LOOP_REQUESTS, MODEL_LIKE, HostStandIn, SimEngine, SimTensorRT, cuda_launcher, generate_with_latents,
                                  write_sim_engine_dir)
 
@@ -179,7 +180,7 @@ def test_runtime_loop_on_the_gpu_equals_the_host_loop(cp, monkeypatch, tmp_path,
 
 @pytest.fixture(scope="module")
 def cuda_torch():
-    torch = pytest.importorskip("torch")
+    torch = require("torch")  # CI installs torch; only the CUDA device may be missing
     if not torch.cuda.is_available():
         pytest.skip("PyTorch has no CUDA device here")
     return torch
@@ -228,7 +229,7 @@ def test_fp16_reference_on_cuda_meets_the_fp16_thresholds(cuda_torch, preset, tm
 @pytest.fixture(scope="module")
 def tiny_trt_dir(cp, tmp_path_factory):
     pytest.importorskip("tensorrt", reason="TensorRT 10 is not installed (pip install 'rtsd[tensorrt]')")
-    pytest.importorskip("torch")
+    require("torch")
     from rtsd.export.manifest import Manifest
     from rtsd.export.pipeline import export
     from rtsd.export.tensorrt import build_engines

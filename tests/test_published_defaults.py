@@ -27,7 +27,7 @@ def _schedule(config) -> dict:
 
 
 @pytest.mark.parametrize("fixture,release", [("tiny_checkpoint", "sd15"), ("tiny_inpaint_checkpoint", "sd15"),
-                                             ("tiny_sd2_checkpoint", "sd2-inpainting")])
+                                             ("tiny_sd2_checkpoint", "sd21-base")])
 def test_detected_training_schedule_is_the_published_one(request, fixture, release):
     """With nothing beside the weights, rtsd assumes what SD 1.5 and SD 2.1-base / 2-inpainting were trained with
     (epsilon prediction; 2.1's 768-v model needs --prediction-type or its YAML)."""
