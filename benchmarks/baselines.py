@@ -112,7 +112,8 @@ class DiffusersContender:
         diffusers.utils.logging.set_verbosity_error()
         config = detect_config(open_checkpoint(checkpoint).shapes)
         self.config, self.device, self.dtype = config, device, torch_device_dtype(device)
-        self.pipe = diffusers_pipeline(checkpoint, config, tokenizer_dir, diffusers_scheduler(scheduler, config),
+        family = {"sd1": "sd15", "sd2": "sd21"}[config.family]  # the published configs the oracle builds from
+        self.pipe = diffusers_pipeline(checkpoint, family, tokenizer_dir, diffusers_scheduler(scheduler, config),
                                        dtype=self.dtype, device=device)
         if device == "cpu":
             for module in (self.pipe.unet, self.pipe.vae, self.pipe.text_encoder):

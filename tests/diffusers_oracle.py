@@ -1,13 +1,19 @@
 """Independent oracles: diffusers / transformers models and pipelines loaded from a single-file checkpoint.
 
-Weights go through diffusers' own LDM converters (``diffusers.loaders.single_file_utils``), configured from an
-``original_config`` dict in the LDM YAML structure built from the preset, so nothing here reuses rtsd's model code
-and nothing touches the network.
+Weights go through diffusers' own LDM converters (``diffusers.loaders.single_file_utils``). Everything the weights
+cannot say (activation, LayerNorm eps, head counts, VAE scale factor, training betas, timestep spacing, steps
+offset, prediction type, padding token, conditioning layer) is written below as the published configs of SD 1.5
+and SD 2.1 give it, and never read from rtsd: a wrong default in rtsd/config.py makes rtsd disagree with these
+oracles. Only widths and depths that the tensors' shapes carry are read from the checkpoint itself (the tiny test
+presets are narrower than the published models but keep their block structure), and a mismatch there fails the
+strict load.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import re
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -15,96 +21,149 @@ from diffusers.loaders import single_file_utils as sfu
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from rtsd.config import ModelConfig
-
 OPEN_CLIP = "cond_stage_model.model."
+UNET = "model.diffusion_model."
+
+# --- published configs, written out -------------------------------------------------------------------------------
+
+# CompVis/stable-diffusion configs/stable-diffusion/v1-inference.yaml (SD 1.5 is trained with it), model.params.
+SD15_LDM = {
+    "linear_start": 0.00085, "linear_end": 0.0120, "timesteps": 1000, "scale_factor": 0.18215,
+    "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": {
+        "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 320,
+        "attention_resolutions": [4, 2, 1], "num_res_blocks": 2, "channel_mult": [1, 2, 4, 4], "num_heads": 8,
+        "use_spatial_transformer": True, "transformer_depth": 1, "context_dim": 768, "use_checkpoint": True,
+        "legacy": False}},
+    "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": {
+        "embed_dim": 4, "ddconfig": {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3,
+                                     "out_ch": 3, "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2,
+                                     "attn_resolutions": [], "dropout": 0.0}}},
+    "cond_stage_config": {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"},
+}  # fmt: skip
+
+# Stability-AI/stablediffusion configs/stable-diffusion/v2-inference(-v).yaml (SD 2.1 base / 768-v), model.params.
+SD21_LDM = {
+    "linear_start": 0.00085, "linear_end": 0.0120, "timesteps": 1000, "scale_factor": 0.18215,
+    "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": {
+        "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 320,
+        "attention_resolutions": [4, 2, 1], "num_res_blocks": 2, "channel_mult": [1, 2, 4, 4],
+        "num_head_channels": 64, "use_spatial_transformer": True, "use_linear_in_transformer": True,
+        "transformer_depth": 1, "context_dim": 1024, "use_checkpoint": True, "legacy": False}},
+    "first_stage_config": SD15_LDM["first_stage_config"],
+    "cond_stage_config": {"target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
+                          "params": {"freeze": True, "layer": "penultimate"}},
+}  # fmt: skip
+
+# Text encoders. SD 1.5: openai/clip-vit-large-patch14's text_config (ViT-L/14). SD 2.1: OpenCLIP ViT-H/14's text
+# tower as stabilityai/stable-diffusion-2-1's text_encoder/config.json gives it (gelu; diffusers ships 23 of its 24
+# layers because SD 2.x conditions on the penultimate one). Heads are 64 wide in both. Token ids are the CLIP BPE
+# vocabulary's <|startoftext|> / <|endoftext|>.
+SD15_TEXT = {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+             "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+             "layer_norm_eps": 1e-5, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407}
+SD21_TEXT = {"vocab_size": 49408, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+             "num_attention_heads": 16, "max_position_embeddings": 77, "hidden_act": "gelu",
+             "layer_norm_eps": 1e-5, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 0}
+TEXT_HEAD_WIDTH = 64
 
 
-def ldm_original_config(config: ModelConfig) -> dict:
-    """The ``v1-inference.yaml`` / ``v2-inference.yaml`` structure diffusers' config converters read."""
-    u, v, s = config.unet, config.vae, config.scheduler
-    unet_params = {
-        "use_checkpoint": False,
-        "in_channels": u.in_channels,
-        "out_channels": u.out_channels,
-        "model_channels": u.model_channels,
-        "attention_resolutions": list(u.attention_resolutions),
-        "num_res_blocks": u.num_res_blocks,
-        "channel_mult": list(u.channel_mult),
-        "transformer_depth": u.transformer_depth,
-        "context_dim": u.context_dim,
-        "use_linear_in_transformer": u.use_linear_in_transformer,
-        "legacy": False,
-    }
-    if u.num_head_channels > 0:
-        unet_params["num_head_channels"] = u.num_head_channels
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One published model family, as its configs describe it."""
+
+    name: str
+    ldm: dict
+    text: dict
+    open_clip: bool  # text tower under cond_stage_model.model.* (OpenCLIP) vs .transformer.* (OpenAI CLIP)
+    penultimate: bool  # the UNet is conditioned on the text tower's penultimate layer (SD 2.x)
+    pad_token: str | None  # the tokenizer's padding token: None = <|endoftext|> (SD 1.x); SD 2.x pads with "!"
+
+
+FAMILIES = {
+    "sd15": Family("sd15", SD15_LDM, SD15_TEXT, open_clip=False, penultimate=False, pad_token=None),
+    "sd21": Family("sd21", SD21_LDM, SD21_TEXT, open_clip=True, penultimate=True, pad_token="!"),
+}
+
+# diffusers scheduler_config.json of the published pipelines, the keys every scheduler class takes. The files name
+# no timestep_spacing: diffusers' default for their classes (PNDM, DDIM) is "leading", written here explicitly.
+SD15_SCHEDULER = {  # runwayml/stable-diffusion-v1-5 and runwayml/stable-diffusion-inpainting
+    "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "steps_offset": 1, "timestep_spacing": "leading", "prediction_type": "epsilon"}
+SCHEDULER_CONFIGS = {
+    "sd15": SD15_SCHEDULER,
+    # stabilityai/stable-diffusion-2-1 (the 768-v model)
+    "sd21-v": {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+               "steps_offset": 1, "timestep_spacing": "leading", "prediction_type": "v_prediction"},
+    # stabilityai/stable-diffusion-2-1-base (the 512 px model, epsilon)
+    "sd21-base": {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                  "beta_schedule": "scaled_linear", "steps_offset": 1, "timestep_spacing": "leading",
+                  "prediction_type": "epsilon"},
+    # stabilityai/stable-diffusion-2-inpainting (epsilon: v2-inpainting-inference.yaml sets no parameterization)
+    "sd2-inpainting": {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                       "beta_schedule": "scaled_linear", "steps_offset": 1, "timestep_spacing": "leading",
+                       "prediction_type": "epsilon"},
+}  # fmt: skip
+
+# The diffusers class of each rtsd scheduler name used with the pipelines here.
+DIFFUSERS_SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "euler_a":
+                        "EulerAncestralDiscreteScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler",
+                        "pndm": "PNDMScheduler", "lms": "LMSDiscreteScheduler", "heun": "HeunDiscreteScheduler",
+                        "unipc": "UniPCMultistepScheduler"}
+
+
+# --- widths and depths, from the tensors -------------------------------------------------------------------------
+
+
+def _layer_count(ldm: dict, pattern: str) -> int:
+    return len({m.group(1) for key in ldm if (m := re.match(pattern, key))})
+
+
+def _text_sizes(family: Family, ldm: dict) -> dict:
+    if family.open_clip:
+        vocab, hidden = ldm[OPEN_CLIP + "token_embedding.weight"].shape
+        layers = _layer_count(ldm, re.escape(OPEN_CLIP) + r"transformer\.resblocks\.(\d+)\.")
+        intermediate = ldm[OPEN_CLIP + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
     else:
-        unet_params["num_heads"] = u.num_heads
-    ddconfig = {
-        "double_z": True,
-        "z_channels": v.z_channels,
-        "resolution": 256,
-        "in_channels": v.in_channels,
-        "out_ch": v.out_ch,
-        "ch": v.ch,
-        "ch_mult": list(v.ch_mult),
-        "num_res_blocks": v.num_res_blocks,
-        "attn_resolutions": [],
-        "dropout": 0.0,
-    }
-    text_target = {
-        "clip": "ldm.modules.encoders.modules.FrozenCLIPEmbedder",
-        "open_clip": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
-    }[config.text_encoder.kind]
-    return {
-        "model": {
-            "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
-            "params": {
-                "linear_start": s.beta_start,
-                "linear_end": s.beta_end,
-                "timesteps": s.num_train_timesteps,
-                "scale_factor": v.scaling_factor,
-                "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet_params},
-                "first_stage_config": {
-                    "target": "ldm.models.autoencoder.AutoencoderKL",
-                    "params": {"embed_dim": v.embed_dim, "ddconfig": ddconfig},
-                },
-                "cond_stage_config": {"target": text_target, "params": {"layer": "penultimate"}}
-                if config.text_encoder.kind == "open_clip"
-                else {"target": text_target},
-            },
-        }
-    }
+        prefix = "cond_stage_model.transformer.text_model."
+        vocab, hidden = ldm[prefix + "embeddings.token_embedding.weight"].shape
+        layers = _layer_count(ldm, re.escape(prefix) + r"encoder\.layers\.(\d+)\.")
+        intermediate = ldm[prefix + "encoder.layers.0.mlp.fc1.weight"].shape[0]
+    return {"vocab_size": vocab, "hidden_size": hidden, "intermediate_size": intermediate,
+            "num_hidden_layers": layers, "num_attention_heads": hidden // TEXT_HEAD_WIDTH}
 
 
-def clip_text_config(config: ModelConfig) -> CLIPTextConfig:
-    t = config.text_encoder
-    return CLIPTextConfig(
-        vocab_size=t.vocab_size,
-        hidden_size=t.hidden_size,
-        intermediate_size=t.intermediate_size,
-        num_hidden_layers=t.num_layers,
-        num_attention_heads=t.num_heads,
-        max_position_embeddings=t.max_position_embeddings,
-        hidden_act=t.hidden_act,
-        layer_norm_eps=t.layer_norm_eps,
-        pad_token_id=t.pad_token_id,
-        bos_token_id=t.bos_token_id,
-        eos_token_id=t.eos_token_id,
-    )
+def ldm_original_config(family: str, ldm: dict) -> dict:
+    """The family's published LDM yaml (``model:`` level) that diffusers' config converters read, with the channel
+    widths of the checkpoint at hand (read from its tensors)."""
+    params = copy.deepcopy(FAMILIES[family].ldm)
+    unet, vae = params["unet_config"]["params"], params["first_stage_config"]["params"]["ddconfig"]
+    conv_in = ldm[UNET + "input_blocks.0.0.weight"].shape
+    unet["model_channels"], unet["in_channels"] = conv_in[0], conv_in[1]  # 9 input channels: inpainting UNets
+    unet["context_dim"] = ldm[UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
+    vae["ch"] = ldm["first_stage_model.encoder.conv_in.weight"].shape[0]
+    return {"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": params}}
+
+
+def clip_text_config(family: str, ldm: dict, num_layers: int | None = None) -> CLIPTextConfig:
+    """transformers' config of the family's text encoder, at the checkpoint's widths (``num_layers`` overrides)."""
+    values = FAMILIES[family].text | _text_sizes(FAMILIES[family], ldm)
+    if num_layers is not None:
+        values["num_hidden_layers"] = num_layers
+    return CLIPTextConfig(**values)
 
 
 @dataclasses.dataclass
 class Oracles:
-    config: ModelConfig
+    family: Family
     ldm: dict[str, torch.Tensor]
     unet: UNet2DConditionModel
     vae: AutoencoderKL
     text_encoder: CLIPTextModel
 
 
-def load_oracles(path, config: ModelConfig, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Oracles:
-    """diffusers' UNet/VAE and transformers' CLIPTextModel from the single file at ``path``, in ``dtype`` on ``device``.
+def load_oracles(path, family: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Oracles:
+    """diffusers' UNet/VAE and transformers' CLIPTextModel (every layer of the tower) from the single file at
+    ``path``, configured as the published ``family`` ("sd15", "sd21"), in ``dtype`` on ``device``.
 
     Modules are built without allocating weights and take the converted tensors by assignment: one copy of the
     weights even for full-size checkpoints (benchmarks/ uses this as its diffusers baseline too).
@@ -112,17 +171,17 @@ def load_oracles(path, config: ModelConfig, dtype: torch.dtype = torch.float32, 
     from accelerate import init_empty_weights
 
     ldm = load_file(str(path))
-    original = ldm_original_config(config)
+    original = ldm_original_config(family, ldm)
     unet_config = sfu.create_unet_diffusers_config_from_ldm(original, ldm)
     vae_config = sfu.create_vae_diffusers_config_from_ldm(original, ldm)
     with init_empty_weights():
         unet = UNet2DConditionModel(**unet_config)
         vae = AutoencoderKL(**vae_config)
-        text_encoder = CLIPTextModel(clip_text_config(config))
+        text_encoder = CLIPTextModel(clip_text_config(family, ldm))
     _assign(unet, sfu.convert_ldm_unet_checkpoint(ldm, unet_config), dtype)
     _assign(vae, sfu.convert_ldm_vae_checkpoint(ldm, vae_config), dtype)
 
-    if config.text_encoder.kind == "clip":
+    if not FAMILIES[family].open_clip:
         text_state = sfu.convert_ldm_clip_checkpoint(ldm)
     else:
         # diffusers drops SD 2.x's last resblock (index 23: SD 2 never runs it) by full key name; a neutral prefix
@@ -140,7 +199,7 @@ def load_oracles(path, config: ModelConfig, dtype: torch.dtype = torch.float32, 
 
     for module in (unet, vae, text_encoder):
         module.to(device=device).eval().requires_grad_(False)
-    return Oracles(config, ldm, unet, vae, text_encoder)
+    return Oracles(FAMILIES[family], ldm, unet, vae, text_encoder)
 
 
 def _assign(module: torch.nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
@@ -148,36 +207,30 @@ def _assign(module: torch.nn.Module, state: dict[str, torch.Tensor], dtype: torc
     module.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
 
 
-DIFFUSERS_SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
-                        "dpmpp_2m": "DPMSolverMultistepScheduler", "pndm": "PNDMScheduler",
-                        "lms": "LMSDiscreteScheduler", "heun": "HeunDiscreteScheduler", "unipc": "UniPCMultistepScheduler"}
-
-
-def diffusers_scheduler(name: str, config: ModelConfig, **options):
+def diffusers_scheduler(name: str, release: str, **options):
+    """The diffusers scheduler for rtsd's ``name`` on the training schedule of ``release`` (a SCHEDULER_CONFIGS
+    key: "sd15", "sd21-v", "sd21-base", "sd2-inpainting"); ``options`` are further config keys (e.g. DDIM's set_alpha_to_one)."""
     import diffusers
 
-    s = config.scheduler
-    cls = getattr(diffusers, DIFFUSERS_SCHEDULERS[name])
-    return cls(num_train_timesteps=s.num_train_timesteps, beta_start=s.beta_start, beta_end=s.beta_end,
-               beta_schedule=s.beta_schedule, prediction_type=s.prediction_type,
-               timestep_spacing=s.timestep_spacing, steps_offset=s.steps_offset, **options)
+    return getattr(diffusers, DIFFUSERS_SCHEDULERS[name])(**SCHEDULER_CONFIGS[release], **options)
 
 
-def diffusers_pipeline(path, config: ModelConfig, tokenizer_dir, scheduler, img2img: bool = False,
+def diffusers_pipeline(path, family: str, tokenizer_dir, scheduler, img2img: bool = False,
                        dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """A diffusers StableDiffusion(Img2Img)Pipeline on the checkpoint at ``path``; tokenizer = transformers'
-    CLIPTokenizer on the vocabulary files of the engine dir, padding as the family was trained (SD 2.x: "!" = id 0).
+    """A diffusers StableDiffusion(Img2Img)Pipeline on the checkpoint at ``path`` as the published ``family`` ships
+    it; tokenizer = transformers' CLIPTokenizer on the vocabulary files of the engine dir, padding as the family was
+    trained (SD 2.x: "!" = id 0).
     """
     from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
-    oracles = load_oracles(path, config, dtype=dtype, device=device)
+    oracles = load_oracles(path, family, dtype=dtype, device=device)
     unet, vae, text_encoder = oracles.unet, oracles.vae, oracles.text_encoder
-    if config.text_encoder.output_layer == -2:
-        text_encoder = _drop_last_layer(text_encoder, config).to(device=device, dtype=dtype)
-    pad = {} if config.text_encoder.pad_token_id == config.text_encoder.eos_token_id else {"pad_token": "!"}
+    if oracles.family.penultimate:
+        text_encoder = _drop_last_layer(text_encoder, family, oracles.ldm).to(device=device, dtype=dtype)
+    pad = {} if oracles.family.pad_token is None else {"pad_token": oracles.family.pad_token}
     tokenizer = CLIPTokenizer(str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"),
-                              model_max_length=config.text_encoder.max_position_embeddings, **pad)
+                              model_max_length=oracles.family.text["max_position_embeddings"], **pad)
     cls = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
     pipe = cls(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -185,27 +238,23 @@ def diffusers_pipeline(path, config: ModelConfig, tokenizer_dir, scheduler, img2
     return pipe
 
 
-def _drop_last_layer(text_encoder: CLIPTextModel, config: ModelConfig) -> CLIPTextModel:
+def _drop_last_layer(text_encoder: CLIPTextModel, family: str, ldm: dict) -> CLIPTextModel:
     """SD 2.x as diffusers ships it: OpenCLIP without its last resblock, so the last hidden state (after the final
     LayerNorm) is the penultimate layer. (diffusers' clip_skip is no substitute: it skips layers for the prompt but
     not for the negative prompt.)"""
-    last = config.text_encoder.num_layers - 1
-    truncated = CLIPTextModel(clip_text_config(_with_layers(config, last)))
+    last = text_encoder.config.num_hidden_layers - 1
+    truncated = CLIPTextModel(clip_text_config(family, ldm, num_layers=last))
     state = {k: v for k, v in text_encoder.state_dict().items() if f"layers.{last}." not in k}
     truncated.load_state_dict(state, strict=True)
     return truncated.eval()
 
 
-def _with_layers(config: ModelConfig, layers: int) -> ModelConfig:
-    return dataclasses.replace(config, text_encoder=dataclasses.replace(config.text_encoder, num_layers=layers))
-
-
-def diffusers_inpaint_pipeline(path, config: ModelConfig, tokenizer_dir, scheduler, dtype: torch.dtype = torch.float32,
+def diffusers_inpaint_pipeline(path, family: str, tokenizer_dir, scheduler, dtype: torch.dtype = torch.float32,
                                device: str = "cpu"):
     """diffusers' StableDiffusionInpaintPipeline on the same components as ``diffusers_pipeline`` (9-channel UNets)."""
     from diffusers import StableDiffusionInpaintPipeline
 
-    base = diffusers_pipeline(path, config, tokenizer_dir, scheduler, dtype=dtype, device=device)
+    base = diffusers_pipeline(path, family, tokenizer_dir, scheduler, dtype=dtype, device=device)
     pipe = StableDiffusionInpaintPipeline(**base.components, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -15,9 +15,26 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from rtsd.schedulers import create, scheduler_class
+from rtsd.schedulers import create
 
 SHAPE = (2, 4, 8, 8)
+
+# Each rtsd scheduler name and the diffusers class it must reproduce, written here rather than read from rtsd's own
+# ``diffusers_class`` (a wrong mapping in rtsd would otherwise pick its own oracle). dpmpp_2m_sde is
+# DPMSolverMultistepScheduler with algorithm_type="sde-dpmsolver++", which the tests pass as config.
+DIFFUSERS_CLASS: dict[str, str] = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "pndm": "PNDMScheduler",
+    "lms": "LMSDiscreteScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "dpmpp_2m_sde": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "lcm": "LCMScheduler",
+}
 
 # rtsd options that diffusers takes as arguments of step() rather than as config keys.
 STEP_ARGUMENTS: dict[str, tuple[str, ...]] = {"ddim": ("eta", "use_clipped_model_output")}
@@ -186,13 +203,13 @@ def compare_loops(
     start_index: int = 0,
 ) -> Comparison:
     """Run both loops. ``options`` go to rtsd's create(); the same keys (minus step arguments such as DDIM's eta)
-    plus ``diffusers_config`` build the diffusers scheduler named by the rtsd class's ``diffusers_class``."""
+    plus ``diffusers_config`` build the diffusers scheduler that DIFFUSERS_CLASS pins ``name`` to."""
     step_keys = STEP_ARGUMENTS.get(name, ())
     config = {k: v for k, v in options.items() if k not in step_keys} | (diffusers_config or {})
     step_kwargs = {k: v for k, v in options.items() if k in step_keys} | (step_kwargs or {})
     ours = run_rtsd(name, num_inference_steps, options, shape=shape, seed=seed, start_index=start_index)
     reference = run_diffusers(
-        scheduler_class(name).diffusers_class,
+        DIFFUSERS_CLASS[name],
         num_inference_steps,
         config,
         step_kwargs=step_kwargs,

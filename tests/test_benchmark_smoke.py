@@ -16,9 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.optional import IN_CI
+
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("tokenize", "text_encoder", "unet", "vae_decode")
-HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
+# diffusers is a test dependency: CI must have it (tests/optional.py); elsewhere its contender is left out.
+HAS_DIFFUSERS = IN_CI or importlib.util.find_spec("diffusers") is not None
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +67,7 @@ def test_contenders_compute_the_same_image(run):
     others = [n for n in report["contenders"] if n != "pytorch-reference"]
     assert others
     for name in others:
-        assert report["contenders"][name]["psnr_vs_reference_db"] > 40, name
+        assert report["contenders"][name]["psnr_vs_reference_db"] > 55, name  # fp32 everywhere: far above 55 dB
 
 
 def test_ratios_floor_machine_and_export_are_reported(run):
@@ -82,7 +85,11 @@ def test_ratios_floor_machine_and_export_are_reported(run):
     export = report["exports"]["onnx-fp32"]
     assert export["seconds"] > 0 and export["cached"] is False
     step = report["scheduler_step_us"]
-    assert step["rtsd_numpy"] > 0 and (step.get("diffusers_torch", 1) > 0)
+    assert step["rtsd_numpy"] > 0
+    if HAS_DIFFUSERS:  # diffusers' step is timed exactly when diffusers is a contender
+        assert step["diffusers_torch"] > 0
+    else:
+        assert "diffusers_torch" not in step
     for heading in ("UNet call (CFG batch)", "end to end", "speed-up", "compute floor", "settings:"):
         assert heading in stdout
 

@@ -18,9 +18,11 @@ from pathlib import Path
 
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("diffusers")
-pytest.importorskip("transformers")
+from tests.optional import require
+
+torch = require("torch")
+require("diffusers")
+require("transformers")
 
 from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
 from diffusers.loaders import single_file_utils as sfu  # noqa: E402
@@ -207,11 +209,18 @@ def test_every_format_reads_the_same_keys_shapes_and_tensors(kind, reference, tm
     assert_equal_states(as_fp32, {k: v.to(stored).float() for k, v in reference.items()})
 
 
-def test_sha256_is_of_the_file_bytes(reference, folder, tmp_path):
+def test_sha256_is_of_the_file_bytes(reference, folder, tmp_path, monkeypatch):
+    import rtsd.checkpoint
+
     path = _write("safetensors-fp32", reference, tmp_path / "model")
     checkpoint = open_checkpoint(path)
-    assert checkpoint.sha256() == hashlib.sha256(path.read_bytes()).hexdigest()
-    assert checkpoint.sha256() == checkpoint.sha256()
+    first = checkpoint.sha256()
+    assert first == hashlib.sha256(path.read_bytes()).hexdigest()
+    # Hashed once per Checkpoint: a second call reads no file (multi-GB checkpoints are hashed by export and info).
+    monkeypatch.setattr(rtsd.checkpoint, "open", lambda *a, **k: pytest.fail("sha256 read the file again"),
+                        raising=False)
+    assert checkpoint.sha256() == first
+    monkeypatch.undo()
     weights = sorted(folder.glob("*/*.safetensors"))
     assert len(weights) == 3
     expected = hashlib.sha256(b"".join(p.read_bytes() for p in weights)).hexdigest()

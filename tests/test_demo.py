@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from rtsd.cli import main
+from tests.optional import require_console_script
 
 
 def test_demo_writes_a_checked_engine_dir_and_an_image(tmp_path, capsys):
@@ -26,7 +25,6 @@ def test_demo_writes_a_checked_engine_dir_and_an_image(tmp_path, capsys):
     assert np.asarray(image).std() > 1  # an image, not a flat fill
 
 
-@pytest.mark.skipif(shutil.which("rtsd") is None, reason="the rtsd console script is not installed")
 def test_the_console_script_runs():
-    done = subprocess.run(["rtsd", "demo", "--help"], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([require_console_script("rtsd"), "demo", "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "--workdir" in done.stdout

@@ -20,13 +20,13 @@ from PIL import Image
 from rtsd.cli import main
 from rtsd.errors import EngineDirError, NonFiniteOutputError, RtsdError
 from rtsd.export.manifest import Manifest
-from rtsd.export.parity import FP32_MAX_REL_L2, compare, psnr
 from rtsd.export.pipeline import export
 from rtsd.export.specs import COMPONENTS, ShapeRange
 from rtsd.models import load_checkpoint
 from rtsd.runtime import Runtime
 from tests.conftest import EXPORT_RANGE
 from tests.diffusers_oracle import diffusers_pipeline, diffusers_scheduler, give_pipeline_our_noise
+from tests.metrics import FP32_END_TO_END_DB, FP32_MAX_REL_L2, image_psnr, rel_l2
 
 RANGE = ShapeRange(**EXPORT_RANGE)
 
@@ -76,8 +76,8 @@ def test_onnxruntime_engines_match_the_reference(runtime, reference, images, hei
         feeds = spec.sample_inputs(images * spec.batch_factor, height, width, seed=height + width)
         ours = runtime.engines[name].infer(feeds)[spec.outputs[0].name]
         ref = torch_runtime.engines[name].to_host(torch_runtime.engines[name].infer(feeds)[spec.outputs[0].name])
-        metrics = compare(ours, ref)
-        assert metrics.rel_l2 < FP32_MAX_REL_L2, (name, metrics)
+        error = rel_l2(ours, ref)
+        assert error < FP32_MAX_REL_L2, (name, error)
         assert float(np.std(ref)) > 1e-3, f"{name}: degenerate reference output"
 
 
@@ -88,35 +88,33 @@ def test_onnxruntime_engines_match_the_reference(runtime, reference, images, hei
 ])
 @pytest.mark.parametrize("guidance", [7.5, 1.0])
 def test_generate_matches_diffusers_pipeline(runtime, checkpoint, engine_dir, scheduler, options, guidance):
-    config = runtime.config
     latents = np.random.default_rng(3).standard_normal((1, 4, 16, 24), dtype=np.float32)
     prompt, negative = "a red fox in the snow, highly detailed", "blurry"
     ours = runtime.generate(prompt, negative, steps=8, guidance_scale=guidance, height=128, width=192,
                             scheduler=scheduler, scheduler_options=options, latents=latents).images[0]
-    pipe = diffusers_pipeline(checkpoint, config, engine_dir / "tokenizer", diffusers_scheduler(scheduler, config, **options))
+    pipe = diffusers_pipeline(checkpoint, "sd15", engine_dir / "tokenizer", diffusers_scheduler(scheduler, "sd15", **options))
     with torch.inference_mode():
         theirs = pipe(prompt, negative_prompt=negative, num_inference_steps=8, guidance_scale=guidance, height=128,
                       width=192, latents=torch.from_numpy(latents), output_type="np").images[0]
-    value = psnr(np.asarray(ours, np.float64) / 255, theirs)
-    assert value > 40, f"{scheduler} cfg={guidance}: PSNR {value:.1f} dB"
+    value = image_psnr(ours, theirs)
+    assert value > FP32_END_TO_END_DB, f"{scheduler} cfg={guidance}: PSNR {value:.1f} dB"
 
 
 def test_img2img_matches_diffusers_pipeline(runtime, checkpoint, engine_dir, monkeypatch):
     import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img as img2img
 
-    config = runtime.config
     init = Image.fromarray(np.random.default_rng(5).integers(0, 256, (128, 128, 3), dtype=np.uint8))
     noise = np.random.default_rng(6).standard_normal((1, 4, 16, 16), dtype=np.float32)
     ours = runtime.generate("a castle", steps=10, guidance_scale=5.0, height=128, width=128, scheduler="euler",
                             latents=noise, image=init, strength=0.6).images[0]
     give_pipeline_our_noise(monkeypatch, img2img, noise)  # same noise, posterior mean
-    pipe = diffusers_pipeline(checkpoint, config, engine_dir / "tokenizer", diffusers_scheduler("euler", config),
+    pipe = diffusers_pipeline(checkpoint, "sd15", engine_dir / "tokenizer", diffusers_scheduler("euler", "sd15"),
                               img2img=True)
     with torch.inference_mode():
         theirs = pipe("a castle", image=init, strength=0.6, num_inference_steps=10, guidance_scale=5.0,
                       output_type="np").images[0]
-    value = psnr(np.asarray(ours, np.float64) / 255, theirs)
-    assert value > 40, f"img2img PSNR {value:.1f} dB"
+    value = image_psnr(ours, theirs)
+    assert value > FP32_END_TO_END_DB, f"img2img PSNR {value:.1f} dB"
 
 
 def test_same_seed_same_images_and_seed_is_reported(runtime):
@@ -257,20 +255,14 @@ def test_clip_skip_exports_the_penultimate_layer(checkpoint, tmp_path):
     assert manifest["model"]["text_encoder"]["output_layer"] == -2
     ids = np.random.default_rng(0).integers(0, 49406, (2, 77)).astype(np.int64)
     ours = onnxruntime.InferenceSession(str(engines / "text_encoder.onnx")).run(None, {"input_ids": ids})[0]
-    oracle: CLIPTextModel = load_oracles(checkpoint, _config(checkpoint)).text_encoder
+    oracle: CLIPTextModel = load_oracles(checkpoint, "sd15").text_encoder
     with torch.inference_mode():
         hidden = oracle(torch.from_numpy(ids), output_hidden_states=True).hidden_states[-2]
         expected = oracle.final_layer_norm(hidden) if hasattr(oracle, "final_layer_norm") else \
             oracle.text_model.final_layer_norm(hidden)
-    assert compare(ours, expected.numpy()).rel_l2 < FP32_MAX_REL_L2
+    assert rel_l2(ours, expected.numpy()) < FP32_MAX_REL_L2
     with pytest.raises(ValueError, match="clip skip must be 1..12"):
         export(checkpoint, tmp_path / "bad", shape_range=RANGE, clip_skip=13, progress=None)
-
-
-def _config(checkpoint):
-    from rtsd.checkpoint import detect_config, open_checkpoint
-
-    return detect_config(open_checkpoint(checkpoint).shapes)
 
 
 def test_export_refuses_engines_that_fail_parity(checkpoint, tmp_path, monkeypatch):

@@ -17,8 +17,8 @@ from PIL import Image
 
 from rtsd.cli import main
 from rtsd.export.manifest import Manifest
-from rtsd.export.parity import psnr
 from rtsd.runtime import Runtime
+from tests.metrics import FP32_END_TO_END_DB, image_psnr, psnr
 
 HEIGHT, WIDTH = 128, 192  # non-square: 16x24 latents
 DDIM = {"set_alpha_to_one": False, "clip_sample": False}
@@ -62,7 +62,6 @@ def test_inpainting_matches_diffusers_pipeline(runtime, tiny_inpaint_checkpoint,
 
     from tests.diffusers_oracle import diffusers_inpaint_pipeline, diffusers_scheduler, give_pipeline_our_noise
 
-    config = runtime.config
     init, mask = _init_image(), _mask()
     noise = np.random.default_rng(6).standard_normal((images, 4, HEIGHT // 8, WIDTH // 8), dtype=np.float32)
     prompt, negative = "a cat sleeping on a red sofa", "blurry"
@@ -73,15 +72,15 @@ def test_inpainting_matches_diffusers_pipeline(runtime, tiny_inpaint_checkpoint,
     assert ours.parameters["inpainting"] and ours.parameters["strength"] == strength
 
     give_pipeline_our_noise(monkeypatch, inpaint, noise)  # same noise, posterior mean
-    pipe = diffusers_inpaint_pipeline(tiny_inpaint_checkpoint, config, tiny_inpaint_engine_dir / "tokenizer",
-                                      diffusers_scheduler(scheduler, config, **options))
+    pipe = diffusers_inpaint_pipeline(tiny_inpaint_checkpoint, "sd15", tiny_inpaint_engine_dir / "tokenizer",
+                                      diffusers_scheduler(scheduler, "sd15", **options))
     with torch.inference_mode():
         theirs = pipe(prompt, negative_prompt=negative, image=init, mask_image=Image.fromarray(mask),
                       strength=strength, num_inference_steps=8, guidance_scale=guidance, height=HEIGHT, width=WIDTH,
                       num_images_per_prompt=images, output_type="np").images
     for index in range(images):
-        value = psnr(np.asarray(ours.images[index], np.float64) / 255, theirs[index])
-        assert value > 40, f"{scheduler} strength={strength} cfg={guidance} image {index}: PSNR {value:.1f} dB"
+        value = image_psnr(ours.images[index], theirs[index])
+        assert value > FP32_END_TO_END_DB, f"{scheduler} strength={strength} cfg={guidance} image {index}: PSNR {value:.1f} dB"
 
 
 def test_parity_checks_an_inpainting_engine_dir_end_to_end(tiny_inpaint_engine_dir, tiny_inpaint_checkpoint):
@@ -92,7 +91,7 @@ def test_parity_checks_an_inpainting_engine_dir_end_to_end(tiny_inpaint_engine_d
     report = check_engine_dir(tiny_inpaint_engine_dir, tiny_inpaint_checkpoint, backend="onnxruntime",
                               shapes=((1, 64, 64),), steps=3)
     end_to_end = [c for c in report.checks if c.name.startswith("end-to-end")]
-    assert report.passed and len(end_to_end) == 1 and end_to_end[0].metrics.psnr > 40, report.table()
+    assert report.passed and len(end_to_end) == 1 and end_to_end[0].metrics.psnr > FP32_END_TO_END_DB, report.table()
 
 
 def test_the_mask_and_the_image_steer_the_result(runtime):

@@ -15,10 +15,11 @@ import pytest
 from rtsd.schedulers import SchedulerError, available, create, create_from_diffusers_config, options_of, scheduler_class
 from rtsd.schedulers import base
 from rtsd.schedulers.lms import lms_coefficient
-from scheduler_oracle import SHAPE, compare_loops, model_fn, relative_error
+from scheduler_oracle import DIFFUSERS_CLASS, SHAPE, compare_loops, model_fn, relative_error
 
-pytest.importorskip("diffusers")
-import diffusers  # noqa: E402
+from tests.optional import require  # noqa: E402
+
+diffusers = require("diffusers")
 import torch  # noqa: E402
 
 warnings.filterwarnings("ignore", module="diffusers")
@@ -216,7 +217,7 @@ def test_lms_coefficients_match_diffusers_quadrature():
 def test_add_noise_matches_diffusers(name):
     options = SD | REQUIRED.get(name, {})
     ours = create(name, 10, **options)
-    ref = getattr(diffusers, scheduler_class(name).diffusers_class)(**options)
+    ref = getattr(diffusers, DIFFUSERS_CLASS[name])(**options)
     ref.set_timesteps(10)
     rng = np.random.default_rng(1)
     original, noise = rng.standard_normal(SHAPE, dtype=np.float32), rng.standard_normal(SHAPE, dtype=np.float32)
@@ -444,3 +445,12 @@ def test_step_code_uses_only_array_operators(name):
         y = wrapped.step(OperatorOnlyArray(out), i, y, noise=None if noise is None else OperatorOnlyArray(noise))
     assert isinstance(y, OperatorOnlyArray)
     np.testing.assert_array_equal(y.data, x)
+
+
+def test_every_scheduler_is_pinned_to_its_diffusers_class():
+    """The oracle's name -> class table (written in tests/scheduler_oracle.py) covers every rtsd scheduler, and
+    rtsd's own table, used to read diffusers scheduler configs, agrees with it."""
+    assert set(DIFFUSERS_CLASS) == set(available())
+    for name, cls in DIFFUSERS_CLASS.items():
+        assert scheduler_class(name).diffusers_class == cls, name
+        assert hasattr(diffusers, cls), cls

@@ -12,12 +12,14 @@ import re
 
 import numpy as np
 import pytest
-from scheduler_oracle import SHAPE, compare_loops, model_fn, noise_sequence, relative_error
+from scheduler_oracle import DIFFUSERS_CLASS, SHAPE, compare_loops, model_fn, noise_sequence, relative_error
 
 from rtsd.schedulers import create, create_from_diffusers_config
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
+from tests.optional import require  # noqa: E402
+
+torch = require("torch")
+diffusers = require("diffusers")
 
 SD = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 SDE_CONFIG = {"algorithm_type": "sde-dpmsolver++"}  # diffusers' class for dpmpp_2m_sde needs this key
@@ -104,7 +106,7 @@ def test_duplicated_first_timestep_runs_from_index_zero(name, monkeypatch):
     # Karras sigmas on the cosine schedule start 999, 999, 999 (DPM-Solver: 998 x4). diffusers finds its first step
     # by timestep value and then takes the *second* match, so its plain loop starts at index 1 and runs off the end;
     # its pipelines avoid that with set_begin_index(0), which the reference is given here.
-    original = getattr(diffusers, create(name, 10).diffusers_class)
+    original = getattr(diffusers, DIFFUSERS_CLASS[name])
 
     class FromIndexZero(original):
         def set_timesteps(self, *args, **kwargs):
@@ -144,7 +146,7 @@ def test_img2img_start_and_add_noise_match_diffusers(name, karras):
     steps, start = 20, 7
     options = dict(SD, timestep_spacing="leading", steps_offset=1, use_karras_sigmas=karras)
     ours = create(name, steps, **options)
-    reference = getattr(diffusers, ours.diffusers_class)(**options, **DIFFUSERS_EXTRA[name])
+    reference = getattr(diffusers, DIFFUSERS_CLASS[name])(**options, **DIFFUSERS_EXTRA[name])
     reference.set_timesteps(steps)
     reference.set_begin_index(start)  # what diffusers' img2img pipelines do
     np.testing.assert_array_equal(ours.timesteps, reference.timesteps.numpy())
@@ -273,7 +275,7 @@ def test_default_options_equal_diffusers_defaults():
     # Unset options take the diffusers class defaults (linear betas 1e-4..0.02, linspace spacing, final sigma 0).
     for name in NAMES:
         s = create(name, 12)
-        reference = getattr(diffusers, s.diffusers_class)(**DIFFUSERS_EXTRA[name])
+        reference = getattr(diffusers, DIFFUSERS_CLASS[name])(**DIFFUSERS_EXTRA[name])
         reference.set_timesteps(12)
         np.testing.assert_array_equal(s.timesteps, reference.timesteps.numpy())
         assert s.sigmas[-1] == 0.0 and s.init_noise_sigma == 1.0

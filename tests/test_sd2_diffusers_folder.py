@@ -52,15 +52,13 @@ def _assign(model: torch.nn.Module, state: dict) -> torch.nn.Module:
 def folder(tiny_sd2_checkpoint, tmp_path_factory):
     """tiny-sd2 as diffusers ships SD 2.1: converted by diffusers' own functions, saved by the pipeline."""
     ldm = load_file(str(tiny_sd2_checkpoint))
-    original = ldm_original_config(CONFIG)
+    original = ldm_original_config("sd21", ldm)
     unet_config = sfu.create_unet_diffusers_config_from_ldm(original, ldm)
     vae_config = sfu.create_vae_diffusers_config_from_ldm(original, ldm)
     unet = _assign(UNet2DConditionModel(**unet_config), sfu.convert_ldm_unet_checkpoint(ldm, unet_config))
     vae = _assign(AutoencoderKL(**vae_config), sfu.convert_ldm_vae_checkpoint(ldm, vae_config))
     # SD 2.1's text_encoder/config.json: OpenCLIP's width and activation, one layer fewer than the tower.
-    text_config = clip_text_config(dataclasses.replace(CONFIG, text_encoder=dataclasses.replace(
-        CONFIG.text_encoder, num_layers=CONFIG.text_encoder.num_layers - 1)))
-    text_encoder = CLIPTextModel(text_config)
+    text_encoder = CLIPTextModel(clip_text_config("sd21", ldm, num_layers=23))
     text_state = sfu.convert_open_clip_checkpoint(text_encoder, ldm)  # drops resblocks.23 and text_projection
     if not any(key.startswith("text_model.") for key in text_encoder.state_dict()):
         text_state = {key.removeprefix("text_model."): value for key, value in text_state.items()}
@@ -180,7 +178,7 @@ def _final_layer_norm(model: CLIPTextModel) -> torch.nn.Module:
 def test_text_encoder_matches_the_single_file_and_transformers(folder_clip, from_folder, from_file,
                                                               tiny_sd2_checkpoint):
     ids = _inputs()["input_ids"]
-    whole_tower = load_oracles(tiny_sd2_checkpoint, CONFIG).text_encoder  # all 24 layers, from the single file
+    whole_tower = load_oracles(tiny_sd2_checkpoint, "sd21").text_encoder  # all 24 layers, from the single file
     with torch.no_grad():
         ours = from_folder.text_encoder(ids)
         assert rel_l2(ours, from_file.text_encoder(ids)) < SAME

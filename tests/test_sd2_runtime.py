@@ -13,11 +13,11 @@ import torch
 
 from rtsd.cli import main
 from rtsd.export.manifest import Manifest
-from rtsd.export.parity import FP32_MAX_REL_L2, compare, psnr
 from rtsd.export.specs import COMPONENTS
 from rtsd.models import load_checkpoint
 from rtsd.runtime import Runtime
 from tests.diffusers_oracle import diffusers_pipeline, diffusers_scheduler
+from tests.metrics import FP32_END_TO_END_DB, FP32_MAX_REL_L2, image_psnr, rel_l2
 
 
 @pytest.fixture(scope="module")
@@ -42,26 +42,25 @@ def test_onnxruntime_engines_match_the_reference(runtime, tiny_sd2_checkpoint):
         feeds = spec.sample_inputs(2 * spec.batch_factor, 128, 192, seed=1)
         ours = runtime.engines[name].infer(feeds)[spec.outputs[0].name]
         ref = reference.engines[name].to_host(reference.engines[name].infer(feeds)[spec.outputs[0].name])
-        assert compare(ours, ref).rel_l2 < FP32_MAX_REL_L2, name
+        assert rel_l2(ours, ref) < FP32_MAX_REL_L2, name
 
 
 @pytest.mark.parametrize("scheduler,options", [("euler", {}), ("dpmpp_2m", {"use_karras_sigmas": True}),
                                                ("ddim", {"set_alpha_to_one": False, "clip_sample": False})])
 def test_v_prediction_generate_matches_diffusers(runtime, tiny_sd2_checkpoint, tiny_sd2_engine_dir, scheduler,
                                                  options):
-    config = runtime.config
     latents = np.random.default_rng(11).standard_normal((1, 4, 16, 24), dtype=np.float32)
     prompt, negative = "a snowy mountain village at night, detailed", "low quality"
     ours = runtime.generate(prompt, negative, steps=8, guidance_scale=7.0, height=128, width=192, latents=latents,
                             scheduler=scheduler, scheduler_options=options).images[0]
-    pipe = diffusers_pipeline(tiny_sd2_checkpoint, config, tiny_sd2_engine_dir / "tokenizer",
-                              diffusers_scheduler(scheduler, config, **options))
+    pipe = diffusers_pipeline(tiny_sd2_checkpoint, "sd21", tiny_sd2_engine_dir / "tokenizer",
+                              diffusers_scheduler(scheduler, "sd21-v", **options))
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     with torch.inference_mode():
         theirs = pipe(prompt, negative_prompt=negative, num_inference_steps=8, guidance_scale=7.0, height=128,
                       width=192, latents=torch.from_numpy(latents), output_type="np").images[0]
-    value = psnr(np.asarray(ours, np.float64) / 255, theirs)
-    assert value > 40, f"{scheduler}: PSNR {value:.1f} dB"
+    value = image_psnr(ours, theirs)
+    assert value > FP32_END_TO_END_DB, f"{scheduler}: PSNR {value:.1f} dB"
 
 
 def test_parity_command_passes(tiny_sd2_engine_dir, tiny_sd2_checkpoint, capsys):

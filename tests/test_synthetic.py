@@ -83,19 +83,20 @@ def test_full_size_presets_detected_by_diffusers(preset, model_type, context):
     assert shapes[UNET + "input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"] == (320, context)
 
 
+FAMILY = {"sd15": "sd15", "sd21": "sd21"}  # the published configs the diffusers models are built from
+
+
 def _diffusers_text_model(preset: str, ldm: dict):
     """transformers' CLIPTextModel for the preset and the preset's text tensors converted the way diffusers does."""
     from diffusers.loaders import single_file_utils as sfu
     from tests.diffusers_oracle import clip_text_config
     from transformers import CLIPTextModel
 
-    config = PRESETS[preset]
-    text_config = clip_text_config(config)
-    if config.text_encoder.kind == "clip":
-        return CLIPTextModel(text_config), sfu.convert_ldm_clip_checkpoint(ldm)
-    text_config.num_hidden_layers -= 1  # diffusers' SD 2.x text encoder stops at the penultimate layer
-    model = CLIPTextModel(text_config)
-    return model, sfu.convert_open_clip_checkpoint(model, ldm)
+    family = FAMILY[preset]
+    if family == "sd15":
+        return CLIPTextModel(clip_text_config(family, ldm)), sfu.convert_ldm_clip_checkpoint(ldm)
+    model = CLIPTextModel(clip_text_config(family, ldm, num_layers=23))  # diffusers' SD 2.x text encoder stops at
+    return model, sfu.convert_open_clip_checkpoint(model, ldm)  # the penultimate layer
 
 
 @pytest.mark.parametrize("preset", ["sd15", "sd21"])
@@ -106,9 +107,8 @@ def test_full_size_tensors_map_one_to_one_onto_diffusers_and_transformers_models
     from diffusers.loaders import single_file_utils as sfu
     from tests.diffusers_oracle import ldm_original_config
 
-    config = PRESETS[preset]
     ldm = _meta_tensors(checkpoint_shapes(preset))
-    original = ldm_original_config(config)
+    original = ldm_original_config(FAMILY[preset], ldm)
     with torch.device("meta"):
         unet_config = sfu.create_unet_diffusers_config_from_ldm(original, ldm)
         vae_config = sfu.create_vae_diffusers_config_from_ldm(original, ldm)

@@ -27,6 +27,7 @@ import pytest
 import regex
 
 from rtsd.errors import EngineDirError
+from tests.optional import require
 from rtsd.tokenizer import Tokenizer, default_vocab_path
 
 SD15_PAD, SD2_PAD = 49407, 0
@@ -202,7 +203,7 @@ def canonical_clean(text: str) -> str:
 
 def ftfy_clean(text: str) -> str:
     """OpenAI simple_tokenizer (and transformers < 5's slow CLIPTokenizer with ftfy): basic_clean + whitespace_clean."""
-    import ftfy  # test-only; the test that needs it skips without it
+    ftfy = require("ftfy")  # test-only (dev extra): skips without it outside CI
 
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return regex.sub(r"\s+", " ", text).strip().lower()
@@ -322,7 +323,7 @@ def test_equals_python_bpe_with_canonical_cleanup(tokenizer_by_pad, pad_id):
 
 
 def test_ftfy_cleanup_is_the_only_difference_to_openai_original(tokenizer_by_pad):
-    pytest.importorskip("ftfy", reason="ftfy (OpenAI's text clean-up) is needed for this reference")
+    require("ftfy")  # OpenAI's text clean-up, needed for this reference
     reference = PythonBPE(ftfy_clean)
     ours = tokenizer_by_pad[SD15_PAD](PROMPTS)
     cleaned_differently = {p for p in PROMPTS if ftfy_clean(p) != canonical_clean(p).strip()}

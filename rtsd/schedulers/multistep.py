@@ -3,7 +3,8 @@
 These solvers work in log-SNR time: with k-diffusion sigma s (x = alpha * (x0 + s * eps)), the VP coefficients are
 alpha = 1 / sqrt(s^2 + 1), sigma = s * alpha, and lambda = log(alpha / sigma) = -log(s). The schedule (timesteps plus
 one sigma per step and a final sigma) is computed exactly as diffusers' set_timesteps does, including its float32
-tables, so the timesteps match it bit for bit. Per-step coefficients are Python floats (float64 on the host).
+tables, so the timesteps equal its own (tests assert array_equal; Karras timesteps, which pass through torch's
+float32 rounding, agree to 1e-6 relative). Per-step coefficients are Python floats (float64 on the host).
 """
 
 from __future__ import annotations
