@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+from rtsd.config import SchedulerDefaults
 from rtsd.errors import MissingDependencyError, RtsdError
 from rtsd.export.manifest import Manifest, sha256_file
 from rtsd.export.output_dir import check_output, make_work_dir, remove_stale_work_dirs, sigterm_as_interrupt
@@ -170,7 +171,9 @@ def _prediction_type(requested: str | None, from_files: str | None, folder: bool
     if from_files:
         return from_files, ("from the folder's scheduler/scheduler_config.json" if folder
                             else "from the original-config YAML beside the checkpoint")
-    return "epsilon", "default: weights cannot tell; pass --prediction-type v_prediction for 768-v models"
+    # The default lives once, in SchedulerDefaults (a change there must reach every export, and the tests see it).
+    return (SchedulerDefaults().prediction_type,
+            "default: weights cannot tell; pass --prediction-type v_prediction for 768-v models")
 
 
 def _tokenizer_record(tokenizer, directory: Path) -> dict:
