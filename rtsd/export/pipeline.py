@@ -70,7 +70,7 @@ def export(checkpoint: str | Path, output: str | Path, *, shape_range: ShapeRang
     try:
         with stage("writing tokenizer"):
             models.tokenizer.save(work / "tokenizer")
-        specs = specs_for(config)
+        specs = specs_for(config, shape_range)
         records = {}
         for name in components:
             with stage(f"exporting {name} to ONNX ({precision})"):
