@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("tokenize", "text_encoder", "unet", "vae_decode")
+STAGES = ("tokenize", "text_encoder", "text_encoder_3_chunks", "unet", "unet_231_tokens", "vae_decode")
 HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
 
 

@@ -72,7 +72,8 @@ class Manifest:
             "scheduler": self.model.to_dict()["scheduler"],
             "tokenizer": self.tokenizer,
             "shape_range": self.shape_range.to_dict(),
-            "prompt": prompt_contract(self.model, self.shape_range),
+            "prompt": prompt_contract(self.model, self.shape_range,
+                                      self.spec("text_encoder") if "text_encoder" in self.components else None),
             "components": self.components,
         }
         if self.format_version == 1:  # rewritten (e.g. by --rebuild) in the layout format-1 readers know

@@ -274,10 +274,11 @@ def specs_for(config: ModelConfig, shape_range: ShapeRange | None = None) -> dic
     }
 
 
-def prompt_contract(config: ModelConfig, shape_range: ShapeRange) -> dict:
-    """How a host turns prompts into the UNet's context with these engines (the manifest's "prompt" record)."""
+def prompt_contract(config: ModelConfig, shape_range: ShapeRange, text_spec: IOSpec | None = None) -> dict:
+    """How a host turns prompts into the UNet's context with these engines (the manifest's "prompt" record);
+    ``text_spec``: the text encoder's declared I/O, whose extra_embeddings rows it quotes."""
     te = config.text_encoder
-    spec = specs_for(config, shape_range)["text_encoder"]
+    spec = text_spec or specs_for(config, shape_range)["text_encoder"]
     rows = next(t.shape[0] for t in spec.inputs if t.name == "extra_embeddings")
     return {
         "chunk_length": CHUNK_LENGTH, "chunk_tokens": CHUNK_TOKENS, "max_chunks": shape_range.max_chunks,
