@@ -13,22 +13,27 @@ from PIL import Image
 
 from rtsd.cli import main
 from rtsd.runtime import Runtime
-from tests.diffusers_oracle import diffusers_pipeline
 from tests.test_embeddings import a1111_pt, diffusers_bin, emb_params
-from tests.test_prompt_e2e import FAMILIES, SIZE, STEPS, euler, oracle_context, psnr
+from tests.test_prompt_e2e import SIZE, STEPS, oracle_context, psnr, runtime_and_pipeline
 
 PROMPT, NEGATIVE = "a photo of mystyle riding a horse, multivec, detailed", "easyneg, blurry"
 
 
 @pytest.fixture(scope="module", params=["sd1", "sd2"])
+def loaded_all(request, tmp_path_factory):
+    return _load(request, tmp_path_factory)
+
+
+# The weighted and CLI checks on SD 2.x repeat SD 1.x's on a 24-layer text tower: `-m slow` runs them.
+@pytest.fixture(scope="module", params=["sd1", pytest.param("sd2", marks=pytest.mark.slow)])
 def loaded(request, tmp_path_factory):
+    return _load(request, tmp_path_factory)
+
+
+def _load(request, tmp_path_factory):
     """A fresh runtime and diffusers pipeline of one family, both given the same three embedding files."""
-    checkpoint, engine_dir, prediction, pad = FAMILIES[request.param]
-    engine_dir = request.getfixturevalue(engine_dir)
-    runtime = Runtime(engine_dir, backend="onnxruntime")
-    pipe = diffusers_pipeline(request.getfixturevalue(checkpoint), runtime.config, engine_dir / "tokenizer",
-                              euler(prediction))
-    table = pipe.text_encoder.get_input_embeddings().weight
+    runtime, pipe, pad = runtime_and_pipeline(request, request.param)
+    table = pipe.text_encoder.get_input_embeddings().weight.detach()
     scale = 4 * float(table.std())  # well away from any vocabulary token, so the embeddings visibly matter
     rng, width, folder = np.random.default_rng(7), table.shape[1], tmp_path_factory.mktemp("embeddings")
     vectors = {name: (rng.standard_normal((n, width)) * scale).astype(np.float32)
@@ -53,14 +58,15 @@ def _ours(runtime, prompt, negative, **kw):
                             latents=_latents(), scheduler="euler", **kw)
 
 
-def test_three_formats_equal_diffusers_load_textual_inversion(loaded):
-    runtime, pipe, _, files = loaded
+def test_three_formats_equal_diffusers_load_textual_inversion(loaded_all):
+    runtime, pipe, _, files = loaded_all
     result = _ours(runtime, PROMPT, NEGATIVE)
     with torch.inference_mode():
         theirs = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=7.5, height=SIZE,
                       width=SIZE, latents=torch.from_numpy(_latents()), output_type="np").images[0]
     image = np.asarray(result.images[0], np.float64) / 255
     value = psnr(image, theirs)
+    print(f"PSNR {value:.1f} dB")  # shown by pytest -rP
     assert value > 50, f"textual inversion: PSNR {value:.1f} dB"
     used = result.parameters["embeddings"]
     assert [(e["token"], e["vectors"], e["file"]) for e in used] == [
@@ -87,6 +93,7 @@ def test_weighted_embedding_equals_a1111_emphasis(loaded):
                       guidance_scale=7.5, height=SIZE, width=SIZE, latents=torch.from_numpy(_latents()),
                       output_type="np").images[0]
     value = psnr(np.asarray(result.images[0], np.float64) / 255, theirs)
+    print(f"PSNR {value:.1f} dB")  # shown by pytest -rP
     assert value > 50, f"weighted embedding: PSNR {value:.1f} dB"
 
 

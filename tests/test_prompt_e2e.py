@@ -37,14 +37,25 @@ FAMILIES = {"sd1": ("tiny_checkpoint", "tiny_engine_dir", "epsilon", 49407),
             "sd2": ("tiny_sd2_checkpoint", "tiny_sd2_engine_dir", "v_prediction", 0)}
 
 
-@pytest.fixture(scope="module", params=["sd1", "sd2"])
-def family(request):
-    checkpoint, engine_dir, prediction, pad = FAMILIES[request.param]
+def runtime_and_pipeline(request, name):
+    """(rtsd Runtime on the family's ONNX engine dir, diffusers pipeline on the same checkpoint, pad id)."""
+    checkpoint, engine_dir, prediction, pad = FAMILIES[name]
     engine_dir = request.getfixturevalue(engine_dir)
     runtime = Runtime(engine_dir, backend="onnxruntime")
     pipe = diffusers_pipeline(request.getfixturevalue(checkpoint), runtime.config, engine_dir / "tokenizer",
                               euler(prediction))
     return runtime, pipe, pad
+
+
+# Whole generations on SD 2.x repeat the SD 1.x checks on a 24-layer text tower: `-m slow` runs them.
+@pytest.fixture(scope="module", params=["sd1", pytest.param("sd2", marks=pytest.mark.slow)])
+def family(request):
+    return runtime_and_pipeline(request, request.param)
+
+
+@pytest.fixture(scope="module", params=["sd1", "sd2"])
+def both_families(request):
+    return runtime_and_pipeline(request, request.param)
 
 
 def psnr(a, b) -> float:
@@ -88,8 +99,8 @@ def our_context(runtime, prompts):
     return runtime.text.encode(runtime.engines["text_encoder"], runtime.text.prepare(prompts))
 
 
-def test_plain_short_prompts_equal_diffusers_encode_prompt(family):
-    runtime, pipe, _ = family
+def test_plain_short_prompts_equal_diffusers_encode_prompt(both_families):
+    runtime, pipe, _ = both_families
     prompt, negative = "a red fox in the snow, highly detailed", "blurry"
     ours = our_context(runtime, [negative, prompt])
     with torch.inference_mode():
@@ -113,6 +124,7 @@ def test_long_and_break_prompts_equal_per_chunk_clip_encodings_and_diffusers(fam
     assert ours.shape[1] == 77 * chunks and rel_l2(ours, torch.cat([negative, positive]).numpy()) < 1e-5
     image, expected, result = both_images(runtime, pipe, prompt, "", positive, negative)
     value = psnr(image, expected)
+    print(f"PSNR {value:.1f} dB")  # shown by pytest -rP
     assert value > 50, f"{case}: PSNR {value:.1f} dB"
     # The chunks beyond the first matter: diffusers' own truncation to 77 tokens gives a clearly different image.
     with torch.inference_mode():
@@ -132,6 +144,7 @@ def test_weighted_prompt_equals_the_pipeline_fed_emphasised_embeddings(family):
     positive, negative = oracle_context(pipe, pieces, pad), oracle_context(pipe, negative_pieces, pad)
     image, expected, _ = both_images(runtime, pipe, prompt, negative_prompt, positive, negative)
     value = psnr(image, expected)
+    print(f"PSNR {value:.1f} dB")  # shown by pytest -rP
     assert value > 50, f"weighted: PSNR {value:.1f} dB"
     plain = runtime.generate(prompt, negative_prompt, steps=STEPS, guidance_scale=7.5, height=SIZE, width=SIZE,
                              scheduler="euler", prompt_syntax="plain",
