@@ -104,10 +104,10 @@ class Runtime:
                  strength: float | None = None, callback: StepCallback | None = None,
                  prompt_syntax: str = "a1111") -> GenerationResult:
         """prompt_syntax: "a1111" (``(word:1.2)``, ``[word]``, BREAK; prompts past 75 tokens in chunks; rtsd.prompt)
-        or "plain" (the text as is, still chunked). image: init image (PIL, path, or (H, W, 3) uint8 / [0, 1] float array) for img2img, or the picture to
-        inpaint; mask_image: inpainting engine dirs only, same size, white = repaint, black = keep (PIL "L"/"1"/"RGB",
-        path, or (H, W) array). strength: how much to repaint, default 0.8 for img2img and 1.0 for inpainting
-        (1.0 starts from pure noise; less starts from the noised encoded image)."""
+        or "plain" (the text as is, still chunked). image: init image (PIL, path, or (H, W, 3) uint8 / [0, 1] float
+        array) for img2img, or the picture to inpaint; mask_image: inpainting engine dirs only, same size, white =
+        repaint, black = keep (PIL "L"/"1"/"RGB", path, or (H, W) array). strength: how much to repaint, default 0.8
+        for img2img and 1.0 for inpainting (1.0 starts from pure noise; less starts from the noised encoded image)."""
         timings: dict[str, float] = {}
         start = time.perf_counter()
 
