@@ -105,7 +105,9 @@ class TextConditioning:
         ids = np.empty((len(rows), len(rows[0])), dtype=np.int64)
         for r, slots in enumerate(rows):
             for p, slot in enumerate(slots):
-                ids[r, p] = slot if isinstance(slot, int) else self.vocab_size + numbered.setdefault(slot, len(numbered))
+                if not isinstance(slot, int):  # an embedding vector: the next free extra row
+                    slot = self.vocab_size + numbered.setdefault(slot, len(numbered))
+                ids[r, p] = slot
         if not numbered:
             return ids, self._zeros
         extra = self._zeros.copy()

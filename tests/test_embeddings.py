@@ -45,7 +45,8 @@ def test_each_format_reads_to_the_stored_vectors(tmp_path, writer, count):
 
 def test_half_bfloat16_and_parameters_read_as_torch_does(tmp_path):
     base = torch.randn(4, 16)
-    torch.save({"a": base.half(), "b": base.bfloat16(), "c": base.T, "d": torch.nn.Parameter(base[1:3])}, tmp_path / "x.pt")
+    torch.save({"a": base.half(), "b": base.bfloat16(), "c": base.T, "d": torch.nn.Parameter(base[1:3])},
+               tmp_path / "x.pt")
     data = load(tmp_path / "x.pt")
     for key, expected in (("a", base.half().float()), ("b", base.bfloat16().float()), ("c", base.T), ("d", base[1:3])):
         np.testing.assert_array_equal(np.asarray(data[key], np.float32), expected.numpy())
@@ -63,7 +64,8 @@ def test_pickles_with_other_objects_and_old_formats_are_refused(tmp_path):
     (tmp_path / "text.pt").write_text("hello")
     with pytest.raises(EmbeddingError):
         read_vectors(tmp_path / "text.pt")
-    save_file({"weight": np.zeros((2, 8), np.float32), "bias": np.zeros(8, np.float32)}, str(tmp_path / "lora.safetensors"))
+    save_file({"weight": np.zeros((2, 8), np.float32), "bias": np.zeros(8, np.float32)},
+              str(tmp_path / "lora.safetensors"))
     with pytest.raises(EmbeddingError, match="not a textual-inversion embedding"):
         read_vectors(tmp_path / "lora.safetensors")
 
