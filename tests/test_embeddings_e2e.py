@@ -67,7 +67,7 @@ def test_three_formats_equal_diffusers_load_textual_inversion(loaded_all):
     image = np.asarray(result.images[0], np.float64) / 255
     value = psnr(image, theirs)
     print(f"PSNR {value:.1f} dB")  # shown by pytest -rP
-    assert value > 50, f"textual inversion: PSNR {value:.1f} dB"
+    assert value > 55, f"textual inversion: PSNR {value:.1f} dB"
     used = result.parameters["embeddings"]
     assert [(e["token"], e["vectors"], e["file"]) for e in used] == [
         ("easyneg", 1, "easyneg.bin"), ("mystyle", 2, "mystyle.pt"), ("multivec", 3, "multivec.safetensors")]
@@ -94,7 +94,7 @@ def test_weighted_embedding_equals_a1111_emphasis(loaded):
                       output_type="np").images[0]
     value = psnr(np.asarray(result.images[0], np.float64) / 255, theirs)
     print(f"PSNR {value:.1f} dB")  # shown by pytest -rP
-    assert value > 50, f"weighted embedding: PSNR {value:.1f} dB"
+    assert value > 55, f"weighted embedding: PSNR {value:.1f} dB"
 
 
 def test_cli_embedding_flags_and_png_metadata(loaded, tmp_path):

@@ -3,7 +3,8 @@ and diffusers' StableDiffusionPipeline fed the per-chunk encodings of A1111's ch
 tests/test_prompt.py) with A1111's "Original" emphasis computed here; format-1 engine directories.
 
 The oracle's pieces are written out literally (not parsed by rtsd), its tokenizer is transformers' CLIPTokenizer and
-its scheduler is configured from SD 1.5's / SD 2.1's published scheduler_config.json values.
+its scheduler is configured from SD 1.5's / SD 2.1's published scheduler_config.json values. Gates: 55 dB on the
+uint8 images (their rounding alone limits the PSNR to about 59 dB; measured 59.5-59.6 dB).
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ def test_long_and_break_prompts_equal_per_chunk_clip_encodings_and_diffusers(fam
     image, expected, result = both_images(runtime, pipe, prompt, "", positive, negative)
     value = psnr(image, expected)
     print(f"PSNR {value:.1f} dB")  # shown by pytest -rP
-    assert value > 50, f"{case}: PSNR {value:.1f} dB"
+    assert value > 55, f"{case}: PSNR {value:.1f} dB"
     # The chunks beyond the first matter: diffusers' own truncation to 77 tokens gives a clearly different image.
     with torch.inference_mode():
         truncated = pipe(prompt, negative_prompt="", num_inference_steps=STEPS, guidance_scale=7.5, height=SIZE,
@@ -145,7 +146,7 @@ def test_weighted_prompt_equals_the_pipeline_fed_emphasised_embeddings(family):
     image, expected, _ = both_images(runtime, pipe, prompt, negative_prompt, positive, negative)
     value = psnr(image, expected)
     print(f"PSNR {value:.1f} dB")  # shown by pytest -rP
-    assert value > 50, f"weighted: PSNR {value:.1f} dB"
+    assert value > 55, f"weighted: PSNR {value:.1f} dB"
     plain = runtime.generate(prompt, negative_prompt, steps=STEPS, guidance_scale=7.5, height=SIZE, width=SIZE,
                              scheduler="euler", prompt_syntax="plain",
                              latents=np.random.default_rng(3).standard_normal((1, 4, 16, 16), dtype=np.float32))
