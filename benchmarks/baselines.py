@@ -149,16 +149,20 @@ class DiffusersContender:
         if self.device == "cuda":
             torch.cuda.synchronize()
 
-    def stage_calls(self, prompts: list[str], unet_feeds: dict, vae_feeds: dict) -> dict[str, Callable[[], Any]]:
-        """One call per stage on fixed inputs; each returns only when its work is done."""
+    def stage_calls(self, prompts: list[str], unet_feeds: dict, vae_feeds: dict,
+                    long_prompts: list[str], long_context: Any) -> dict[str, Callable[[], Any]]:
+        """One call per stage on fixed inputs; each returns only when its work is done. diffusers has no long
+        prompts: its 3-chunk text stage encodes the same number of 77-token rows (3 per prompt) in one batch."""
         import torch
 
         pipe, dev, dtype = self.pipe, self.device, self.dtype
         tokens = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                                 truncation=True, return_tensors="pt").input_ids.to(dev)
+        chunk_rows = tokens.repeat(3, 1)
         sample = torch.from_numpy(unet_feeds["sample"]).to(dev, dtype)
         timestep = torch.from_numpy(unet_feeds["timestep"]).to(dev)
         context = torch.from_numpy(unet_feeds["encoder_hidden_states"]).to(dev, dtype)
+        context_231 = torch.from_numpy(long_context).to(dev, dtype)
         latent = torch.from_numpy(vae_feeds["latent"]).to(dev, dtype)
         scale = pipe.vae.config.scaling_factor
 
@@ -174,7 +178,9 @@ class DiffusersContender:
             "tokenize": lambda: pipe.tokenizer(prompts, padding="max_length", truncation=True,
                                                max_length=pipe.tokenizer.model_max_length, return_tensors="pt"),
             "text_encoder": run(lambda: pipe.text_encoder(tokens)[0]),
+            "text_encoder_3_chunks": run(lambda: pipe.text_encoder(chunk_rows)[0]),
             "unet": run(lambda: pipe.unet(sample, timestep, encoder_hidden_states=context).sample),
+            "unet_231_tokens": run(lambda: pipe.unet(sample, timestep, encoder_hidden_states=context_231).sample),
             # As rtsd's decoder stage: decode, map to [0, 1], bring to the host.
             "vae_decode": run(lambda: (pipe.vae.decode(latent / scale).sample / 2 + 0.5).clamp(0, 1).float().cpu()),
         }
@@ -211,11 +217,13 @@ class RuntimeContender:
     def settings(self, threads: int | None) -> dict:
         return self._settings
 
-    def stage_calls(self, prompts: list[str], unet_feeds: dict, vae_feeds: dict) -> dict:
+    def stage_calls(self, prompts: list[str], unet_feeds: dict, vae_feeds: dict, long_prompts: list[str],
+                    long_context: Any) -> dict:
         rt = self.runtime
         xp, engines = rt.xp, rt.engines
-        ids = {"input_ids": xp.asarray(rt.tokenizer(prompts))}
+        plan, long_plan = rt.text.prepare(prompts), rt.text.prepare(long_prompts)
         unet_in = {k: xp.asarray(v) for k, v in unet_feeds.items()}
+        unet_231 = {**unet_in, "encoder_hidden_states": xp.asarray(long_context)}
         vae_in = {k: xp.asarray(v) for k, v in vae_feeds.items()}
 
         def run(engine, feeds, to_host=False):
@@ -227,8 +235,16 @@ class RuntimeContender:
                 return out
             return call
 
-        return {"tokenize": lambda: rt.tokenizer(prompts),
-                "text_encoder": run(engines["text_encoder"], ids), "unet": run(engines["unet"], unet_in),
+        def encode(which):  # the runtime's text stage: one text-encoder call per chunk, joined on the device
+            def call():
+                out = rt.text.encode(engines["text_encoder"], which)
+                engines["text_encoder"].synchronize()
+                return out
+            return call
+
+        return {"tokenize": lambda: rt.text.prepare(prompts),
+                "text_encoder": encode(plan), "text_encoder_3_chunks": encode(long_plan),
+                "unet": run(engines["unet"], unet_in), "unet_231_tokens": run(engines["unet"], unet_231),
                 "vae_decode": run(engines["vae_decoder"], vae_in, to_host=True)}
 
     def generate(self, prompt, negative, latents, steps, guidance, height, width):

@@ -37,13 +37,16 @@ import machine
 
 RTSD_CONTENDERS = ("tensorrt", "onnxruntime-cuda", "onnxruntime-cpu")
 BASELINES = ("pytorch-reference", "diffusers")
-STAGES = ("tokenize", "text_encoder", "unet", "vae_decode")
+STAGES = ("tokenize", "text_encoder", "text_encoder_3_chunks", "unet", "unet_231_tokens", "vae_decode")
 # Which export each rtsd contender runs: TensorRT builds fp16 plans from the fp32 ONNX; ONNX Runtime CUDA gets fp16
 # ONNX (its fair GPU precision), the CPU fp32.
 EXPORT_KIND = {"tensorrt": "tensorrt", "onnxruntime-cuda": "onnx-fp16", "onnxruntime-cpu": "onnx-fp32"}
 EXPORT_ARGS = {"tensorrt": ("fp32", "tensorrt"), "onnx-fp16": ("fp16", "onnx"), "onnx-fp32": ("fp32", "onnx")}
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
 NEGATIVE = "blurry, low quality"
+# What users pay for long prompts: a prompt of 3 chunks (151..225 tokens) beside PROMPT's one, and the UNet call
+# with the 231-token context it gives beside the 77-token one.
+LONG_PROMPT = ", ".join([PROMPT] * 9)
 
 
 @dataclass
@@ -368,6 +371,7 @@ def render(report: dict) -> str:
         f"command: {report['command']}", "", row("stage", names)]
     lines.append("-" * len(lines[-1]))
     labels = {"tokenize": "tokenizer (2 prompts)", "text_encoder": "text encoder", "unet": "UNet call (CFG batch)",
+              "text_encoder_3_chunks": "text encoder, 3 chunks", "unet_231_tokens": "UNet call, 231-token context",
               "vae_decode": "VAE decode", "end_to_end": f"end to end ({s['steps']} steps)"}
     lines += [row(labels[stage], (_cell(results[n]["stages"][stage]) for n in names)) for stage in STAGES]
     lines += [
@@ -464,7 +468,8 @@ def _contender_worker(plan: Plan, name: str, work: Path) -> dict:
     h, w = plan.height, plan.width
     specs = specs_for(contender.config)
     calls = contender.stage_calls([NEGATIVE, PROMPT][2 - plan.rows:], specs["unet"].sample_inputs(plan.rows, h, w, 1),
-                                  specs["vae_decoder"].sample_inputs(1, h, w, 2))
+                                  specs["vae_decoder"].sample_inputs(1, h, w, 2), [NEGATIVE, LONG_PROMPT][2 - plan.rows:],
+                                  specs["unet"].sample_inputs(plan.rows, h, w, 1, chunks=3)["encoder_hidden_states"])
     stages = {stage: _time(calls[stage], plan.warmup, plan.stage_runs * (20 if stage == "tokenize" else 1))
               for stage in STAGES}
     latents = np.random.default_rng(plan.seed).standard_normal((1, contender.config.latent_channels, h // 8, w // 8),

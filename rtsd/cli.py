@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-size", type=int, default=1024, help="largest image side in pixels (multiple of 8; 64s suit TensorRT best)")
     p.add_argument("--opt-size", type=int, default=512, help="image side TensorRT tunes for")
     p.add_argument("--max-batch", type=int, default=4, help="most images per call (CFG doubles the UNet batch)")
+    p.add_argument("--max-prompt-tokens", type=int, default=225,
+                   help="longest prompt in tokens, a multiple of 75 (prompts are encoded in 75-token chunks)")
     p.add_argument("--static", action="store_true", help="TensorRT: one fixed shape (opt size, max batch)")
     p.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimization level 0..5")
     p.add_argument("--fp32-vae", action="store_true", help="TensorRT: build the VAE in fp32 (no fp16 overflow)")
@@ -87,6 +89,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("tensorrt", "onnxruntime"), default=None)
     p.add_argument("--no-verify", action="store_true",
                    help="skip checking the engine files' sha256 against the manifest (done once per file otherwise)")
+    p.add_argument("--plain-prompt", action="store_true",
+                   help="read the prompts as plain text (no A1111 (word:1.2) / [word] / BREAK syntax)")
+    p.add_argument("--embedding", type=Path, action="append", default=[], metavar="PATH",
+                   help="textual-inversion file (.pt, .safetensors, .bin), called by its file name; repeatable")
+    p.add_argument("--embeddings-dir", type=Path, metavar="DIR",
+                   help="load every textual-inversion file in DIR (A1111's embeddings folder)")
     p.set_defaults(run=_generate)
 
     p = sub.add_parser("parity", help="compare an engine directory with the PyTorch reference")
@@ -130,7 +138,7 @@ def _export(args) -> int:
 
     shape_range = ShapeRange(min_size=args.min_size, max_size=args.max_size,
                              opt_size=min(max(args.opt_size, args.min_size), args.max_size),
-                             max_batch=args.max_batch, static=args.static)
+                             max_batch=args.max_batch, static=args.static, max_prompt_tokens=args.max_prompt_tokens)
     trt = {"optimization_level": args.opt_level,
            "fp32_components": ("vae_decoder", "vae_encoder") if args.fp32_vae else ()}
     export(args.checkpoint, args.output, shape_range=shape_range, precision=args.precision, backend=args.backend,
@@ -151,10 +159,15 @@ def _generate(args) -> int:
     check_image_outputs(_output_paths(args.output, max(args.num_images, 1)))
     width, height = _size(args.size, args.image)
     runtime = Runtime(args.engine_dir, backend=args.backend, verify=not args.no_verify)
+    if args.embeddings_dir:
+        runtime.load_textual_inversions(args.embeddings_dir)
+    for path in args.embedding:
+        runtime.load_textual_inversion(path)
     result = runtime.generate(args.prompt, args.negative, steps=args.steps, guidance_scale=args.cfg, height=height,
                               width=width, seed=args.seed, scheduler=args.scheduler, num_images=args.num_images,
                               image=args.image, mask_image=args.mask, strength=args.strength,
-                              callback=_progress_bar(args.steps))
+                              callback=_progress_bar(args.steps),
+                              prompt_syntax="plain" if args.plain_prompt else "a1111")
     for path, image in zip(_output_paths(args.output, len(result.images)), result.images):
         save_png(image, path, result.parameters)
         print(f"wrote {path}")

@@ -34,8 +34,9 @@ from rtsd.export.manifest import Manifest
 from rtsd.export.specs import COMPONENTS, ShapeRange
 from rtsd.images import inpainting_mask, init_image_pixels, latent_mask, to_pil
 from rtsd.noise import SeededNoise
+from rtsd.text_conditioning import TextConditioning
 from rtsd.tokenizer import Tokenizer
-from rtsd.validation import check_request, warn_truncated_prompts
+from rtsd.validation import check_request
 
 StepCallback = Callable[[int, int, float, Any], None]  # (step index, total steps, timestep, latents) after each step
 
@@ -81,21 +82,36 @@ class Runtime:
         runtime = cls.__new__(cls)
         runtime.engine_dir = runtime.manifest = None
         range_ = shape_range or ShapeRange(min_size=64, max_size=2048, opt_size=512, max_batch=16)
-        runtime._setup(config or models.config, range_, models.tokenizer, "torch", TorchBackend(models).load(), None)
+        runtime._setup(config or models.config, range_, models.tokenizer, "torch", TorchBackend(models, range_).load(),
+                       None)
         return runtime
 
     def _setup(self, config, shape_range, tokenizer, backend_name, engines, source_sha256) -> None:
         self.config, self.shape_range, self.tokenizer = config, shape_range, tokenizer
         self.backend_name, self.engines, self.source_sha256 = backend_name, engines, source_sha256
         self.xp = engines["unet"].xp
+        self.text = TextConditioning(tokenizer, engines["text_encoder"].spec, config, shape_range)
+
+    def load_textual_inversion(self, path: str | Path, token: str | None = None) -> str:
+        """Make a textual-inversion file (A1111 .pt, .safetensors, diffusers learned_embeds) callable in prompts as
+        ``token`` (default: the file's stem, as A1111 does); returns the token. No re-export: the vectors reach the
+        text encoder as extra rows."""
+        return self.text.load_embedding(path, token).token
+
+    def load_textual_inversions(self, directory: str | Path) -> list[str]:
+        """Every embedding file in ``directory`` (A1111's embeddings folder), each called by its stem."""
+        return [e.token for e in self.text.load_embeddings_dir(directory)]
 
     def generate(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
                  steps: int = 30, guidance_scale: float = 7.5, height: int = 512, width: int = 512,
                  seed: int | None = None, seeds: Sequence[int] | None = None, scheduler: str = "dpmpp_2m",
                  scheduler_options: dict | None = None,
                  num_images: int = 1, latents: np.ndarray | None = None, image=None, mask_image=None,
-                 strength: float | None = None, callback: StepCallback | None = None) -> GenerationResult:
-        """seeds: one seed per image instead of ``seed`` (rtsd.noise): image i then equals a one-image generation
+                 strength: float | None = None, callback: StepCallback | None = None,
+                 prompt_syntax: str = "a1111") -> GenerationResult:
+        """prompt_syntax: "a1111" (``(word:1.2)``, ``[word]``, BREAK; prompts past 75 tokens in chunks; rtsd.prompt)
+        or "plain" (the text as is, still chunked).
+        seeds: one seed per image instead of ``seed`` (rtsd.noise): image i then equals a one-image generation
         with ``seed=seeds[i]``, whatever else shares the call (what lets a server batch requests).
         image: init image (PIL, path, or (H, W, 3) uint8 / [0, 1] float array) for img2img, or the picture to
         inpaint; mask_image: inpainting engine dirs only, same size, white = repaint, black = keep (PIL "L"/"1"/"RGB",
@@ -110,7 +126,6 @@ class Runtime:
                                 num_images=num_images, strength=strength, image=image, scheduler=scheduler,
                                 scheduler_options=scheduler_options)
         seed, guidance_scale = checked["seed"], checked["guidance_scale"]
-        warn_truncated_prompts(self.tokenizer, prompt, negative_prompt)
         prompts, negatives = _prompt_lists(prompt, negative_prompt, num_images)
         n = len(prompts)
         self.shape_range.check(n, height, width)
@@ -128,13 +143,13 @@ class Runtime:
         seed = rng.seed
         use_cfg = guidance_scale > 1.0
         xp = self.xp
-
-        # 2. Encode prompts: unconditional rows first, then conditional, in one text-encoder call (CFG batch).
         t0 = time.perf_counter()
-        ids = self.tokenizer(negatives + prompts if use_cfg else prompts)
+        text = self.text.prepare(negatives + prompts if use_cfg else prompts, prompt_syntax)  # syntax, chunks, limit
         timings["tokenize"] = time.perf_counter() - t0
+
+        # 2. Encode prompts: unconditional rows first, then conditional, one text-encoder call per 77-token chunk.
         t0 = time.perf_counter()
-        context = self.engines["text_encoder"].infer({"input_ids": xp.asarray(ids)})["hidden_states"]
+        context = self.text.encode(self.engines["text_encoder"], text)
         self._sync()
         timings["text_encoder"] = time.perf_counter() - t0
 
@@ -204,7 +219,8 @@ class Runtime:
         parameters = {"prompt": prompts[0] if n == 1 else prompts, "negative_prompt": negatives[0] if n == 1 else negatives,
                       "steps": steps, "guidance_scale": guidance_scale, "height": height, "width": width,
                       "seed": seed, **({"seeds": rng.seeds} if seeds is not None else {}),
-                      "scheduler": scheduler, "scheduler_options": scheduler_options or {},
+                      "scheduler": scheduler, "prompt_syntax": prompt_syntax,
+                      "embeddings": text.describe_embeddings(), "scheduler_options": scheduler_options or {},
                       "strength": strength if image is not None else None, "inpainting": inpaint,
                       "backend": self.backend_name,
                       "model": self.config.family, "checkpoint_sha256": self.source_sha256}

@@ -147,6 +147,10 @@ class Tokenizer:
             raise ValueError(f"pad_token_id must be an int in [0, {vocab_size}), got {pad_token_id!r}")
         _configure_framing(backend, max_length, pad_token_id)
         self._backend = backend
+        # The same tokenizer without bos/eos, truncation or padding: pieces of prompts (rtsd.prompt chunks them).
+        self._pieces = _Backend.from_str(backend.to_str())
+        self._pieces.no_truncation()
+        self._pieces.no_padding()
         self._max_length = max_length
         self._bos_token_id = bos_id
         self._eos_token_id = eos_id
@@ -204,6 +208,20 @@ class Tokenizer:
             return cls(backend, config["max_length"], config["pad_token_id"])
         except ValueError as err:
             raise EngineDirError(f"{config_path}: {err}") from err
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._backend.token_to_id(token)
+
+    def encode_pieces(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text, without bos/eos, truncation or padding."""
+        texts = list(texts)
+        if not texts:
+            return []
+        try:
+            return [e.ids for e in self._pieces.encode_batch(texts, add_special_tokens=False)]
+        except TypeError:
+            _raise_for_unencodable(texts)
+            raise
 
     def save(self, directory: str | Path) -> None:
         """Write tokenizer.json (HF tokenizers format, for tokenizers-cpp), vocab.json, merges.txt and

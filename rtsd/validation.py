@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from typing import Any, Mapping
 
 SEED_LIMIT = 2**64  # numpy.random.default_rng takes any non-negative int; PNG metadata and other tools want 64 bits
@@ -102,28 +101,3 @@ def _check_texts(name: str, value, *, allow_none: bool) -> None:
         except UnicodeEncodeError as err:
             raise ValueError(f"{where} is not valid Unicode text ({err.reason} at index {err.start}); decode it "
                              "with errors='replace' first") from None
-
-
-def warn_truncated_prompts(tokenizer, prompt, negative_prompt) -> None:
-    """Warn (once per text) when a prompt has more tokens than the text encoder takes: the tail is cut off."""
-    limit = tokenizer.max_length - 2  # bos and eos
-    texts: dict[str, str] = {}
-    for name, value in (("prompt", prompt), ("negative_prompt", negative_prompt)):
-        if isinstance(value, str):
-            texts[name] = value
-        elif value is not None:
-            texts.update((f"{name}[{i}]", text) for i, text in enumerate(value))
-    for name, text in texts.items():
-        count = tokenizer.count_tokens(text) if hasattr(tokenizer, "count_tokens") else _count_tokens(tokenizer, text)
-        if count is not None and count > limit:
-            warnings.warn(f"{name} has {count} tokens, more than the {limit} the text encoder takes; the last "
-                          f"{count - limit} are ignored (shorten it)", UserWarning, stacklevel=3)
-
-
-def _count_tokens(tokenizer, text: str) -> int | None:
-    """Tokens of ``text`` without bos/eos, counting what truncation cut (None when the tokenizer cannot say)."""
-    backend = getattr(tokenizer, "_backend", None)
-    if backend is None:
-        return None
-    encoding = backend.encode(text, add_special_tokens=False)  # padded and truncated: count the attended tokens
-    return sum(encoding.attention_mask) + sum(sum(o.attention_mask) for o in encoding.overflowing)

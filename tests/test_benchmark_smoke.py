@@ -19,7 +19,7 @@ import pytest
 from tests.optional import IN_CI
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("tokenize", "text_encoder", "unet", "vae_decode")
+STAGES = ("tokenize", "text_encoder", "text_encoder_3_chunks", "unet", "unet_231_tokens", "vae_decode")
 # diffusers is a test dependency: CI must have it (tests/optional.py); elsewhere its contender is left out.
 HAS_DIFFUSERS = IN_CI or importlib.util.find_spec("diffusers") is not None
 

@@ -254,7 +254,9 @@ def test_clip_skip_exports_the_penultimate_layer(checkpoint, tmp_path):
     manifest = json.loads((engines / "manifest.json").read_text())
     assert manifest["model"]["text_encoder"]["output_layer"] == -2
     ids = np.random.default_rng(0).integers(0, 49406, (2, 77)).astype(np.int64)
-    ours = onnxruntime.InferenceSession(str(engines / "text_encoder.onnx")).run(None, {"input_ids": ids})[0]
+    session = onnxruntime.InferenceSession(str(engines / "text_encoder.onnx"))
+    extra = np.zeros(session.get_inputs()[1].shape, np.float32)  # no textual-inversion rows used
+    ours = session.run(None, {"input_ids": ids, "extra_embeddings": extra})[0]
     oracle: CLIPTextModel = load_oracles(checkpoint, "sd15").text_encoder
     with torch.inference_mode():
         hidden = oracle(torch.from_numpy(ids), output_hidden_states=True).hidden_states[-2]

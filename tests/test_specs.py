@@ -37,7 +37,7 @@ def test_sd2_like_config_changes_widths_not_layout():
                          text_encoder=TextEncoderConfig(kind="open_clip", hidden_size=1024))
     specs = specs_for(config)
     assert specs["text_encoder"].outputs[0].shape == ("batch", 77, 1024)
-    assert specs["unet"].inputs[2].shape == ("batch", 77, 1024)
+    assert specs["unet"].inputs[2].shape == ("batch", "context_length", 1024)
 
 
 def test_dynamic_axes_name_every_symbolic_dimension():
@@ -48,7 +48,8 @@ def test_dynamic_axes_name_every_symbolic_dimension():
 
 def test_validate_accepts_sample_inputs_and_resolves_dims():
     spec = specs_for(SD15)["unet"]
-    assert spec.validate(spec.sample_inputs(2, 256, 384)) == {"batch": 2, "latent_height": 32, "latent_width": 48}
+    assert spec.validate(spec.sample_inputs(2, 256, 384)) == {"batch": 2, "latent_height": 32, "latent_width": 48,
+                                                              "context_length": 77}
 
 
 @pytest.mark.parametrize("mutate,error,match", [

@@ -36,9 +36,9 @@ class TorchArrays:
 
 
 class TorchEngine:
-    def __init__(self, name: str, models, xp: TorchArrays):
+    def __init__(self, name: str, models, xp: TorchArrays, shape_range=None):
         self.name, self.xp = name, xp
-        self.spec = specs_for(models.config)[name]
+        self.spec = specs_for(models.config, shape_range)[name]
         self.module = component_module(models, name)
         self.dtype = next(self.module.parameters()).dtype
 
@@ -68,10 +68,10 @@ class TorchEngine:
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, models):
-        self.models = models
+    def __init__(self, models, shape_range=None):
+        self.models, self.shape_range = models, shape_range
         self.device = next(models.unet.parameters()).device
 
     def load(self, engine_dir=None, manifest=None, components=COMPONENTS) -> dict[str, TorchEngine]:
         xp = TorchArrays(self.device)
-        return {name: TorchEngine(name, self.models, xp) for name in components}
+        return {name: TorchEngine(name, self.models, xp, self.shape_range) for name in components}

@@ -1,13 +1,14 @@
 """engine_dir/manifest.json: the self-describing contract between the exporter and every runtime (Python or C++).
 
-Layout (format_version 1):
+Layout (format_version 2):
 
     format_version, rtsd_version, created
     source: {checkpoint, sha256, format}
     model: ModelConfig.to_dict()            (family, unet/vae/text_encoder hyper-parameters)
     scheduler: SchedulerDefaults            (num_train_timesteps, betas, prediction_type, spacing)
     tokenizer: {directory, max_length, pad_token_id, bos_token_id, eos_token_id}
-    shape_range: ShapeRange.to_dict()       (images per call, image sizes the engines cover)
+    shape_range: ShapeRange.to_dict()       (images per call, image sizes, max_prompt_tokens the engines cover)
+    prompt: specs.prompt_contract()         (chunking, context axis, extra_embeddings rule: for C++ hosts)
     components: {name: {onnx: {file, data_files, sha256, precision, data_sha256?}, io: IOSpec.to_dict(),
                         profile: {input: {min, opt, max}},
                         engines: {tensorrt: {file, sha256, precision, tensorrt_version, gpu, compute_capability,
@@ -16,6 +17,12 @@ Layout (format_version 1):
 Optional fields (readers tolerate their absence; directories written before them still load): ``tokenizer.sha256``
 {file: sha256} and ``onnx.data_sha256`` {data file: sha256}. Every path is relative to the engine directory and
 stays inside it (``rtsd.engine.verify`` checks paths at read and hashes at load).
+Format 2 (long prompts, textual inversion): the text encoder takes ``extra_embeddings`` (rows, hidden) beside
+``input_ids`` (ids >= vocab_size select its rows), the UNet's ``encoder_hidden_states`` has a dynamic
+``context_length`` axis (77 x chunks, up to ``shape_range.max_prompt_tokens`` / 75 chunks), and the "prompt" record
+says how hosts build the context. Format 1 directories still load: their engines take one 77-token chunk of plain
+token ids, so prompts of up to 75 tokens run as before (with the A1111 syntax, which works on the encoder's
+output), and longer prompts or embeddings are refused with a message to re-export.
 
 NumPy/stdlib only: the torch-free runtime reads it.
 """
@@ -31,9 +38,10 @@ from typing import Any
 
 from rtsd.config import ModelConfig
 from rtsd.errors import EngineDirError
-from rtsd.export.specs import COMPONENTS, IOSpec, ShapeRange
+from rtsd.export.specs import CHUNK_TOKENS, COMPONENTS, IOSpec, ShapeRange, prompt_contract
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: before long prompts and textual inversion (one 77-token chunk, token ids only)
 MANIFEST_NAME = "manifest.json"
 
 
@@ -58,7 +66,7 @@ class Manifest:
         return self.components[component].get("engines", {}).get(backend)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "format_version": self.format_version,
             "rtsd_version": self.rtsd_version,
             "created": self.created,
@@ -67,8 +75,13 @@ class Manifest:
             "scheduler": self.model.to_dict()["scheduler"],
             "tokenizer": self.tokenizer,
             "shape_range": self.shape_range.to_dict(),
+            "prompt": prompt_contract(self.model, self.shape_range,
+                                      self.spec("text_encoder") if "text_encoder" in self.components else None),
             "components": self.components,
         }
+        if self.format_version == 1:  # rewritten (e.g. by --rebuild) in the layout format-1 readers know
+            del data["prompt"], data["shape_range"]["max_prompt_tokens"]
+        return data
 
     def write(self, engine_dir: Path) -> Path:
         from rtsd import __version__
@@ -96,16 +109,20 @@ class Manifest:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise EngineDirError(f"{path} is not valid JSON ({exc}); re-export the engine directory") from None
         version = data.get("format_version") if isinstance(data, dict) else None
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise EngineDirError(f"{path} has format_version {version!r}, this rtsd reads format_version "
-                                 f"{FORMAT_VERSION}; re-export with this rtsd (`rtsd export`) or use a matching rtsd")
+                                 f"{', '.join(map(str, READABLE_VERSIONS))}; re-export with this rtsd (`rtsd export`) "
+                                 f"or use a matching rtsd")
         from rtsd.engine.verify import check_manifest_data
 
         check_manifest_data(engine_dir, data)  # types and paths, before any file the manifest names is opened
         try:
+            shape_range = data["shape_range"]
+            if version == 1:  # one 77-token chunk: what format-1 engines were built for
+                shape_range = {**shape_range, "max_prompt_tokens": CHUNK_TOKENS}
             manifest = cls(
                 model=ModelConfig.from_dict(data["model"]),
-                shape_range=ShapeRange.from_dict(data["shape_range"]),
+                shape_range=ShapeRange.from_dict(shape_range),
                 source=data["source"], tokenizer=data["tokenizer"], components=data["components"],
                 rtsd_version=data.get("rtsd_version", ""), created=data.get("created", ""), format_version=version)
             for name in COMPONENTS:

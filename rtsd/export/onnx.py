@@ -27,8 +27,8 @@ def _wrappers():
             super().__init__()
             self.text_encoder = models.text_encoder
 
-        def forward(self, input_ids):
-            return self.text_encoder(input_ids)
+        def forward(self, input_ids, extra_embeddings):
+            return self.text_encoder(input_ids, extra_embeddings)
 
     class UNet(torch.nn.Module):
         def __init__(self, models):
@@ -72,10 +72,11 @@ def export_component(models, component: str, path: str | Path, shape_range: Shap
     import torch
 
     path = Path(path)
-    spec: IOSpec = specs_for(models.config)[component]
+    spec: IOSpec = specs_for(models.config, shape_range)[component]
     module = component_module(models, component)
-    # Trace at the smallest size with 2 rows: every symbolic axis differs from the fixed ones, so the tracer keeps it.
-    feeds = spec.sample_inputs(rows=2, height=shape_range.min_size, width=shape_range.min_size)
+    # Trace at the smallest size with 2 rows and a 2-chunk context: every symbolic axis differs from the fixed ones,
+    # so the tracer keeps it.
+    feeds = spec.sample_inputs(rows=2, height=shape_range.min_size, width=shape_range.min_size, chunks=2)
     dtype = next(module.parameters()).dtype
     device = next(module.parameters()).device
     args = tuple(torch.from_numpy(feeds[t.name]).to(device=device, dtype=dtype if t.dtype.startswith("float") else None)

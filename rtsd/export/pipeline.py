@@ -79,7 +79,7 @@ def _export(checkpoint, output: Path, shape_range: ShapeRange, precision: str, b
     try:
         with stage("writing tokenizer"):
             models.tokenizer.save(work / "tokenizer")
-        specs = specs_for(config)
+        specs = specs_for(config, shape_range)
         records = {}
         for name in components:
             with stage(f"exporting {name} to ONNX ({precision})"):

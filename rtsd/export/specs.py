@@ -7,6 +7,13 @@ request (images per call, height, width in pixels):
     batch          rows in this call: images x2 for the CFG-batched text encoder and UNet
     height, width  image size in pixels
     latent_height, latent_width   image size / the VAE's downsample factor (8)
+    context_length the UNet's text context: 77 tokens x prompt chunks (1..max_prompt_tokens / 75)
+
+Prompts longer than 75 tokens are split into chunks of 75 (rtsd.prompt); the text encoder encodes each chunk as a
+77-token row (one call per chunk position, rows = images x2 as for one chunk) and the UNet takes the chunks joined
+along the token axis. Textual-inversion vectors reach the text encoder as rows of ``extra_embeddings``: an id
+``vocab_size + k`` in ``input_ids`` selects row k, so new embeddings need no re-export. The row count is fixed at
+export (images x2 x 75: every token of a call could be one), unused rows are zeros.
 
 This module is NumPy-only: the torch-free runtime imports it.
 """
@@ -22,6 +29,9 @@ from rtsd.config import ModelConfig
 
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 DTYPES = ("float32", "float16", "int64", "int32")
+CHUNK_LENGTH = 77  # token positions of one encoded chunk: bos, 75 prompt tokens, eos
+CHUNK_TOKENS = CHUNK_LENGTH - 2
+CONTEXT_AXIS = "context_length"
 
 
 @dataclass(frozen=True)
@@ -56,7 +66,8 @@ class ShapeRange:
     max_batch: int = 4
     opt_batch: int = 1
     size_multiple: int = 8
-    static: bool = False  # one fixed shape (opt) for maximum TensorRT speed
+    static: bool = False  # one fixed image shape (opt) for maximum TensorRT speed; prompt length stays dynamic
+    max_prompt_tokens: int = 3 * CHUNK_TOKENS  # longest prompt, in multiples of 75 (chunks) up to max_chunks
 
     def __post_init__(self):
         m = self.size_multiple
@@ -69,6 +80,14 @@ class ShapeRange:
         if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
             raise ValueError(f"batches must satisfy 1 <= min_batch <= opt_batch <= max_batch, got "
                              f"{self.min_batch} <= {self.opt_batch} <= {self.max_batch}")
+        tokens = self.max_prompt_tokens
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < CHUNK_TOKENS or tokens % CHUNK_TOKENS:
+            raise ValueError(f"max_prompt_tokens={tokens!r} must be a positive multiple of {CHUNK_TOKENS} "
+                             f"(prompts are encoded in chunks of {CHUNK_TOKENS} tokens), e.g. 225")
+
+    @property
+    def max_chunks(self) -> int:
+        return self.max_prompt_tokens // CHUNK_TOKENS
 
     @classmethod
     def fixed(cls, batch: int, height: int, width: int, size_multiple: int = 8) -> "ShapeRange":
@@ -93,6 +112,14 @@ class ShapeRange:
             raise ValueError(f"{batch} images per call is outside the exported range "
                              f"{self.min_batch}..{self.max_batch}; re-export with --max-batch {batch}")
 
+    def check_chunks(self, chunks: int, what: str = "the prompt") -> None:
+        """Raise ValueError naming the limit and the export flag when a prompt needs more chunks than exported."""
+        if chunks > self.max_chunks:
+            raise ValueError(f"{what} needs {chunks} chunks of {CHUNK_TOKENS} tokens, but these engines take at most "
+                             f"{self.max_prompt_tokens} tokens ({self.max_chunks} chunk"
+                             f"{'s' if self.max_chunks > 1 else ''}); shorten it or re-export with "
+                             f"`rtsd export --max-prompt-tokens {chunks * CHUNK_TOKENS}`")
+
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
@@ -111,9 +138,10 @@ class IOSpec:
     batch_factor: int
     downsample: int  # pixels per latent pixel
 
-    def shapes(self, rows: int, height: int, width: int) -> dict[str, tuple[int, ...]]:
-        """Concrete shapes of every input and output for a call with ``rows`` batch rows."""
-        dims = {"batch": rows, "height": height, "width": width,
+    def shapes(self, rows: int, height: int, width: int, chunks: int = 1) -> dict[str, tuple[int, ...]]:
+        """Concrete shapes of every input and output for a call with ``rows`` batch rows (and a text context of
+        ``chunks`` 77-token chunks)."""
+        dims = {"batch": rows, "height": height, "width": width, CONTEXT_AXIS: CHUNK_LENGTH * chunks,
                 "latent_height": height // self.downsample, "latent_width": width // self.downsample}
         return {t.name: t.resolve(dims) for t in self.inputs + self.outputs}
 
@@ -124,17 +152,23 @@ class IOSpec:
         """min/opt/max shape of every input, for TensorRT optimization profiles and the manifest.
 
         The smallest profile shape uses min_batch rows (one image, guidance off); the largest uses max_batch images
-        with CFG doubling.
+        with CFG doubling. The text context spans 1 chunk (min, opt) to max_chunks; a static range fixes the image
+        shape and batch only, so prompts of every exported length still run.
         """
         r = shape_range
         corners = {
-            "min": self.shapes(r.min_batch, r.min_size, r.min_size),
-            "opt": self.shapes(r.opt_batch * self.batch_factor, r.opt_size, r.opt_size),
-            "max": self.shapes(r.max_batch * self.batch_factor, r.max_size, r.max_size),
+            "min": self.shapes(r.min_batch, r.min_size, r.min_size, chunks=1),
+            "opt": self.shapes(r.opt_batch * self.batch_factor, r.opt_size, r.opt_size, chunks=1),
+            "max": self.shapes(r.max_batch * self.batch_factor, r.max_size, r.max_size, chunks=r.max_chunks),
         }
         if r.static:
-            corners = {k: corners["opt"] for k in corners}
+            opt = corners["opt"]
+            corners = {k: {name: _keep_context(tensor, opt[name], corners[k][name]) for name, tensor in self._all()}
+                       for k in corners}
         return {t.name: {k: corners[k][t.name] for k in ("min", "opt", "max")} for t in self.inputs}
+
+    def _all(self):
+        return [(t.name, t) for t in self.inputs + self.outputs]
 
     def validate(self, feeds: Mapping[str, np.ndarray]) -> dict[str, int]:
         """Check names, dtypes and shape consistency of ``feeds``; return the resolved symbolic dimensions.
@@ -158,21 +192,30 @@ class IOSpec:
                     if want != got:
                         raise ValueError(f"{self.name}.{spec.name}: axis {axis} must be {want} "
                                          f"(shape {_fmt(spec.shape)}), got {tuple(array.shape)}")
+                elif want == CONTEXT_AXIS and (got < CHUNK_LENGTH or got % CHUNK_LENGTH):
+                    raise ValueError(f"{self.name}.{spec.name}: axis {axis} ({CONTEXT_AXIS}) must be a multiple of "
+                                     f"{CHUNK_LENGTH} (77 tokens per prompt chunk), got {tuple(array.shape)}")
                 elif dims.setdefault(want, got) != got:
                     raise ValueError(f"{self.name}.{spec.name}: '{want}' is {got} here but {dims[want]} in another "
                                      f"input (shape {_fmt(spec.shape)}, got {tuple(array.shape)})")
         return dims
 
-    def sample_inputs(self, rows: int, height: int, width: int, seed: int = 0) -> dict[str, np.ndarray]:
-        """Deterministic inputs of the right shapes and value ranges (export tracing, parity checks, benchmarks)."""
+    def sample_inputs(self, rows: int, height: int, width: int, seed: int = 0,
+                      chunks: int = 1) -> dict[str, np.ndarray]:
+        """Deterministic inputs of the right shapes and value ranges (export tracing, parity checks, benchmarks).
+
+        With ``extra_embeddings``, two token positions of each row select extra rows (textual-inversion vectors)."""
         rng = np.random.default_rng(seed)
-        shapes = self.shapes(rows, height, width)
+        shapes = self.shapes(rows, height, width, chunks)
         feeds = {}
+        extra = next((shapes[t.name][0] for t in self.inputs if t.name == "extra_embeddings"), 0)
         for spec in self.inputs:
             shape = shapes[spec.name]
             if spec.name == "input_ids":
                 ids = rng.integers(0, 49406, size=shape)
                 ids[:, 0], ids[:, -1] = 49406, 49407
+                if extra:
+                    ids[:, 2:4] = VOCAB_SIZE + rng.integers(0, extra, size=(shape[0], 2))
                 feeds[spec.name] = ids.astype(spec.dtype)
             elif spec.name == "timestep":
                 feeds[spec.name] = np.full(shape, 999.0 * rng.random(), dtype=spec.dtype)
@@ -192,23 +235,33 @@ class IOSpec:
                    tuple(TensorSpec.from_dict(t) for t in data["outputs"]), data["batch_factor"], data["downsample"])
 
 
-def specs_for(config: ModelConfig) -> dict[str, IOSpec]:
-    """The four sub-model contracts for one model configuration."""
+VOCAB_SIZE = 49408  # CLIP's; ids from here on select extra_embeddings rows
+
+
+def extra_rows(shape_range: ShapeRange, batch_factor: int = 2) -> int:
+    """Rows of ``extra_embeddings``: one per token position a text-encoder call can hold, so never too few."""
+    return shape_range.max_batch * batch_factor * CHUNK_TOKENS
+
+
+def specs_for(config: ModelConfig, shape_range: ShapeRange | None = None) -> dict[str, IOSpec]:
+    """The four sub-model contracts for one model configuration (``shape_range`` sizes ``extra_embeddings``)."""
     te, unet, vae = config.text_encoder, config.unet, config.vae
     seq, width, f = te.max_position_embeddings, te.hidden_size, vae.downsample_factor
     latent = ("batch", vae.embed_dim, "latent_height", "latent_width")
     image = ("batch", 3, "height", "width")
+    extra = extra_rows(shape_range or ShapeRange())
     return {
         "text_encoder": IOSpec(
             "text_encoder",
-            inputs=(TensorSpec("input_ids", "int64", ("batch", seq)),),
+            inputs=(TensorSpec("input_ids", "int64", ("batch", seq)),
+                    TensorSpec("extra_embeddings", "float32", (extra, width))),
             outputs=(TensorSpec("hidden_states", "float32", ("batch", seq, width)),),
             batch_factor=2, downsample=f),
         "unet": IOSpec(
             "unet",
             inputs=(TensorSpec("sample", "float32", ("batch", unet.in_channels, "latent_height", "latent_width")),
                     TensorSpec("timestep", "float32", ("batch",)),
-                    TensorSpec("encoder_hidden_states", "float32", ("batch", seq, unet.context_dim))),
+                    TensorSpec("encoder_hidden_states", "float32", ("batch", CONTEXT_AXIS, unet.context_dim))),
             outputs=(TensorSpec("model_output", "float32", ("batch", unet.out_channels, "latent_height", "latent_width")),),
             batch_factor=2, downsample=f),
         # The decoder maps to [0, 1] and the encoder takes [0, 1], so hosts never redo the VAE's [-1, 1] convention.
@@ -219,6 +272,34 @@ def specs_for(config: ModelConfig) -> dict[str, IOSpec]:
             "vae_encoder", inputs=(TensorSpec("images", "float32", image),),
             outputs=(TensorSpec("latent", "float32", latent),), batch_factor=1, downsample=f),
     }
+
+
+def prompt_contract(config: ModelConfig, shape_range: ShapeRange, text_spec: IOSpec | None = None) -> dict:
+    """How a host turns prompts into the UNet's context with these engines (the manifest's "prompt" record);
+    ``text_spec``: the text encoder's declared I/O, whose extra_embeddings rows it quotes."""
+    te = config.text_encoder
+    spec = text_spec or specs_for(config, shape_range)["text_encoder"]
+    rows = next(t.shape[0] for t in spec.inputs if t.name == "extra_embeddings")
+    return {
+        "chunk_length": CHUNK_LENGTH, "chunk_tokens": CHUNK_TOKENS, "max_chunks": shape_range.max_chunks,
+        "max_prompt_tokens": shape_range.max_prompt_tokens, "context_axis": CONTEXT_AXIS,
+        "chunk_ids": f"bos {te.bos_token_id}, up to {CHUNK_TOKENS} prompt tokens, eos {te.eos_token_id}, then "
+                     f"pad {te.pad_token_id} to {CHUNK_LENGTH}",
+        "text_encoder_calls": "one call per chunk position; rows = prompts (negative prompts first with CFG); "
+                              "a prompt with fewer chunks gets the empty prompt's chunk",
+        "context": f"the chunks' hidden_states joined along axis 1: (rows, {CHUNK_LENGTH} x chunks, "
+                   f"{config.unet.context_dim})",
+        "extra_embeddings": {"input": "extra_embeddings", "rows": rows, "first_id": te.vocab_size,
+                             "rule": f"input id {te.vocab_size} + k uses row k instead of the token table; "
+                                     "unused rows are zeros"},
+        "emphasis": "A1111 'Original': each chunk's hidden_states row-wise times its token weights, then scaled "
+                    "so the chunk's mean equals its unweighted mean",
+    }
+
+
+def _keep_context(tensor: TensorSpec, opt: tuple[int, ...], corner: tuple[int, ...]) -> tuple[int, ...]:
+    """A static corner: the opt shape, except along the prompt's context axis."""
+    return tuple(c if d == CONTEXT_AXIS else o for d, o, c in zip(tensor.shape, opt, corner))
 
 
 def _fmt(shape) -> str:

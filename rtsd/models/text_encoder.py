@@ -2,7 +2,9 @@
 layout) and OpenCLIP as stored by SD 2.x (``cond_stage_model.model.*``).
 
 Both return the hidden states the UNet is conditioned on, (N, 77, C): the layer picked by
-``TextEncoderConfig.output_layer`` (-1 last, -2 penultimate, ...) with the final LayerNorm applied. Layers after
+``TextEncoderConfig.output_layer`` (-1 last, -2 penultimate, ...) with the final LayerNorm applied. Both take
+optional ``extra_embeddings`` (E, C): an id ``vocab_size + k`` picks its row k instead of the token table
+(textual-inversion vectors; the engine-directory contract in rtsd/export/specs.py). Layers after
 the chosen one are kept when the checkpoint has them (another output layer can be chosen later) but never run;
 when it lacks them (diffusers' SD 2.x folders drop OpenCLIP's last layer) they are removed at load.
 """
@@ -26,6 +28,19 @@ UNUSED_TEXT_KEYS = (
     "cond_stage_model.model.logit_scale",
     "cond_stage_model.model.text_projection",
 )
+
+
+def embed_tokens(table: nn.Embedding, input_ids: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+    """Token vectors: ids below the vocabulary from ``table``, ids past it from the rows of ``extra``.
+
+    Two gathers and a select (no concatenation with the 49408-row table, which would copy it on every call)."""
+    if extra is None:
+        return table(input_ids)
+    vocab = table.num_embeddings
+    is_extra = input_ids >= vocab
+    own = table(torch.where(is_extra, torch.zeros_like(input_ids), input_ids))
+    added = F.embedding(torch.where(is_extra, input_ids - vocab, torch.zeros_like(input_ids)), extra.to(own.dtype))
+    return torch.where(is_extra.unsqueeze(-1), added, own)
 
 
 class QuickGELU(nn.Module):
@@ -141,8 +156,9 @@ class CLIPEmbeddings(nn.Module):
         self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
         self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.token_embedding(input_ids) + self.position_embedding.weight[: input_ids.shape[1]]
+    def forward(self, input_ids: torch.Tensor, extra_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        tokens = embed_tokens(self.token_embedding, input_ids, extra_embeddings)
+        return tokens + self.position_embedding.weight[: input_ids.shape[1]]
 
 
 class CLIPEncoder(nn.Module):
@@ -179,9 +195,9 @@ class CLIPTextEncoder(LayerStackEncoder):
     def layer_stack(self) -> nn.ModuleList:
         return self.transformer.text_model.encoder.layers
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, extra_embeddings: torch.Tensor | None = None) -> torch.Tensor:
         model = self.transformer.text_model
-        x = model.embeddings(input_ids)
+        x = model.embeddings(input_ids, extra_embeddings)
         for layer in model.encoder.layers[: self.num_layers_run]:
             x = layer(x)
         return model.final_layer_norm(x)
@@ -264,8 +280,9 @@ class OpenCLIPTextEncoder(LayerStackEncoder):
     def layer_stack(self) -> nn.ModuleList:
         return self.model.transformer.resblocks
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        x = self.model.token_embedding(input_ids) + self.model.positional_embedding[: input_ids.shape[1]]
+    def forward(self, input_ids: torch.Tensor, extra_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        tokens = embed_tokens(self.model.token_embedding, input_ids, extra_embeddings)
+        x = tokens + self.model.positional_embedding[: input_ids.shape[1]]
         for block in self.model.transformer.resblocks[: self.num_layers_run]:
             x = block(x)
         return self.model.ln_final(x)
