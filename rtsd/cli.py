@@ -63,6 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check", action="store_true",
                    help="skip the parity check of the written engines against the PyTorch reference")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", type=_lora_arg,
+                   help="merge a LoRA into the weights before export (repeatable; scale default 1.0)")
+    p.add_argument("--refittable", action="store_true", help="TensorRT: plans whose LoRA-addressable weights can be "
+                   "refitted at run time (switch LoRAs without a rebuild); may cost a little speed")
     p.set_defaults(run=_export)
 
     p = sub.add_parser("generate", help="generate images from a prompt")
@@ -82,6 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--strength", type=float, default=None,
                    help="how much of the init image to repaint (default: 0.8 for img2img, 1.0 for inpainting)")
     p.add_argument("--backend", choices=("tensorrt", "onnxruntime"), default=None)
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", type=_lora_arg,
+                   help="apply a LoRA at run time (repeatable; scale default 1.0)")
     p.set_defaults(run=_generate)
 
     p = sub.add_parser("parity", help="compare an engine directory with the PyTorch reference")
@@ -126,8 +132,8 @@ def _export(args) -> int:
            "fp32_components": ("vae_decoder", "vae_encoder") if args.fp32_vae else ()}
     export(args.checkpoint, args.output, shape_range=shape_range, precision=args.precision, backend=args.backend,
            prediction_type=args.prediction_type, overwrite=args.force, clip_skip=args.clip_skip,
-           check=not args.no_check,
-           tensorrt_options=trt if args.backend == "tensorrt" else None)
+           check=not args.no_check, loras=args.lora,
+           tensorrt_options={**trt, "refittable": args.refittable} if args.backend == "tensorrt" else None)
     return 0
 
 
@@ -141,7 +147,7 @@ def _generate(args) -> int:
     result = runtime.generate(args.prompt, args.negative, steps=args.steps, guidance_scale=args.cfg, height=height,
                               width=width, seed=args.seed, scheduler=args.scheduler, num_images=args.num_images,
                               image=args.image, mask_image=args.mask, strength=args.strength,
-                              callback=_progress_bar(args.steps))
+                              callback=_progress_bar(args.steps), loras=dict(args.lora) if args.lora else None)
     for path, image in zip(_output_paths(args.output, len(result.images)), result.images):
         save_png(image, path, result.parameters)
         print(f"wrote {path}")
@@ -199,6 +205,17 @@ def _demo(args) -> int:
     print(f"demo finished in {time.perf_counter() - start:.1f} s; with a real checkpoint: "
           f"rtsd export --checkpoint sd.safetensors --output engines && rtsd generate engines \"a prompt\"")
     return 0
+
+
+def _lora_arg(text: str) -> tuple[str, float]:
+    """PATH[:SCALE] -> (path, scale); a Windows drive letter or a path with ':' keeps working when no scale follows."""
+    path, sep, scale = text.rpartition(":")
+    if sep:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return text, 1.0
 
 
 def save_png(image, path: Path, parameters: dict) -> None:

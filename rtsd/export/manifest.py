@@ -1,6 +1,6 @@
 """engine_dir/manifest.json: the self-describing contract between the exporter and every runtime (Python or C++).
 
-Layout (format_version 1):
+Layout (format_version 3; version 1 directories still load, they only cannot switch LoRAs):
 
     format_version, rtsd_version, created
     source: {checkpoint, sha256, format}
@@ -11,7 +11,13 @@ Layout (format_version 1):
     components: {name: {onnx: {file, data_files, sha256, precision}, io: IOSpec.to_dict(),
                         profile: {input: {min, opt, max}},
                         engines: {tensorrt: {file, sha256, precision, tensorrt_version, gpu, compute_capability,
-                                             onnx_sha256, fp32_layers}}}}
+                                             onnx_sha256, fp32_layers, refittable}}}}
+    loras: [{name, sha256, scale}]          (version 3: LoRAs merged into the weights at export, in order)
+
+Version 3 adds, for the UNet and text encoder, ``components[name]["weights_map"]``: checkpoint key -> ONNX
+initializer + layout change + the byte range of its base values in the component's .onnx.data file (documented in
+rtsd/export/weights_map.py), which LoRA switching and TensorRT refit follow; and ``loras``. TensorRT records gain
+``refittable`` (plans built with the REFIT flag).
 
 NumPy/stdlib only: the torch-free runtime reads it.
 """
@@ -29,7 +35,8 @@ from rtsd.config import ModelConfig
 from rtsd.errors import EngineDirError
 from rtsd.export.specs import COMPONENTS, IOSpec, ShapeRange
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, FORMAT_VERSION)  # 1: no weights map (generation works, LoRA switching asks to re-export)
 MANIFEST_NAME = "manifest.json"
 
 
@@ -43,6 +50,7 @@ class Manifest:
     rtsd_version: str = ""
     created: str = ""
     format_version: int = FORMAT_VERSION
+    loras: list[dict[str, Any]] = field(default_factory=list)
 
     def spec(self, component: str) -> IOSpec:
         return IOSpec.from_dict(component, self.components[component]["io"])
@@ -64,6 +72,7 @@ class Manifest:
             "tokenizer": self.tokenizer,
             "shape_range": self.shape_range.to_dict(),
             "components": self.components,
+            "loras": self.loras,
         }
 
     def write(self, engine_dir: Path) -> Path:
@@ -92,7 +101,7 @@ class Manifest:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise EngineDirError(f"{path} is not valid JSON ({exc}); re-export the engine directory") from None
         version = data.get("format_version") if isinstance(data, dict) else None
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise EngineDirError(f"{path} has format_version {version!r}, this rtsd reads format_version "
                                  f"{FORMAT_VERSION}; re-export with this rtsd (`rtsd export`) or use a matching rtsd")
         try:
@@ -100,7 +109,8 @@ class Manifest:
                 model=ModelConfig.from_dict(data["model"]),
                 shape_range=ShapeRange.from_dict(data["shape_range"]),
                 source=data["source"], tokenizer=data["tokenizer"], components=data["components"],
-                rtsd_version=data.get("rtsd_version", ""), created=data.get("created", ""), format_version=version)
+                rtsd_version=data.get("rtsd_version", ""), created=data.get("created", ""), format_version=version,
+                loras=list(data.get("loras", [])))
             for name in COMPONENTS:
                 manifest.spec(name)
         except (KeyError, TypeError, ValueError) as exc:

@@ -19,13 +19,15 @@ from rtsd.export.manifest import Manifest, sha256_file
 from rtsd.export.specs import COMPONENTS, ShapeRange, specs_for
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+LORA_COMPONENTS = ("unet", "text_encoder")  # the sub-models LoRAs address: exported with a weights map
 Progress = Callable[[str], None]
 
 
 def export(checkpoint: str | Path, output: str | Path, *, shape_range: ShapeRange | None = None,
            precision: str = "fp32", backend: str = "onnx", prediction_type: str | None = None,
            overwrite: bool = False, progress: Progress | None = print, tensorrt_options: dict | None = None,
-           components: Sequence[str] = COMPONENTS, clip_skip: int | None = None, check: bool = True) -> Path:
+           components: Sequence[str] = COMPONENTS, clip_skip: int | None = None, check: bool = True,
+           loras: Sequence[tuple[str | Path, float]] = ()) -> Path:
     """Export ``checkpoint`` to the engine directory ``output``; returns its path.
 
     backend: "onnx" (ONNX files only, run with ONNX Runtime) or "tensorrt" (also builds fp16 .plan engines).
@@ -34,6 +36,7 @@ def export(checkpoint: str | Path, output: str | Path, *, shape_range: ShapeRang
         SD 2.x's default and a common SD 1.x choice); baked into the text encoder's ONNX and recorded in the manifest.
     check: run every engine written against the reference at the smallest exported size (DESIGN.md thresholds);
         the metrics go into the manifest, and an engine past its threshold fails the export (nothing is written).
+    loras: (file, scale) pairs merged into the weights before the ONNX export, in order; recorded in the manifest.
     """
     shape_range = shape_range or ShapeRange()
     output = Path(output)
@@ -50,7 +53,7 @@ def export(checkpoint: str | Path, output: str | Path, *, shape_range: ShapeRang
     from rtsd.models import load_checkpoint
 
     check = check and tuple(components) == COMPONENTS
-    stages = 3 + len(components) + (backend == "tensorrt") + check
+    stages = 3 + len(components) + (backend == "tensorrt") + check + bool(loras)
     stage = _Stages(stages, say)
     with stage("reading checkpoint"):
         source = open_checkpoint(checkpoint)
@@ -63,6 +66,12 @@ def export(checkpoint: str | Path, output: str | Path, *, shape_range: ShapeRang
             config = _with_clip_skip(models, config, clip_skip)
         say(f"      {config.family}, prediction type {chosen} ({origin}), "
             f"text layer {config.text_encoder.output_layer} (clip skip {-config.text_encoder.output_layer})")
+    baked = []
+    if loras:
+        from rtsd.adapters.bake import bake_loras
+
+        with stage(f"merging {len(loras)} LoRA(s) into the weights"):
+            baked = bake_loras(models, loras)
 
     output.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
@@ -74,16 +83,18 @@ def export(checkpoint: str | Path, output: str | Path, *, shape_range: ShapeRang
         records = {}
         for name in components:
             with stage(f"exporting {name} to ONNX ({precision})"):
-                files = export_component(models, name, work / f"{name}.onnx", shape_range, precision=precision)
+                weights_map = {} if name in LORA_COMPONENTS else None  # what LoRA switching and refit follow
+                files = export_component(models, name, work / f"{name}.onnx", shape_range, precision=precision,
+                                         weights_map=weights_map)
                 records[name] = {
                     "onnx": {"file": files[0].name, "data_files": [f.name for f in files[1:]],
                              "sha256": sha256_file(files[0]), "precision": precision},
                     "io": specs[name].to_dict(), "profile": _profile_json(specs[name].profile(shape_range)),
-                    "engines": {}}
+                    "engines": {}, **({"weights_map": weights_map} if weights_map is not None else {})}
         manifest = Manifest(model=config, shape_range=shape_range, tokenizer=_tokenizer_record(models.tokenizer),
                             source={"checkpoint": Path(checkpoint).name, "sha256": source.sha256(),
                                     "format": source.format},
-                            components=records)
+                            components=records, loras=baked)
         with stage("writing manifest"):
             manifest.write(work)
         if backend == "tensorrt":

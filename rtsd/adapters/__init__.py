@@ -1,0 +1,1 @@
+"""Adapters applied to a base checkpoint's weights: LoRA files (lora.py)."""
