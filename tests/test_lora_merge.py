@@ -95,3 +95,86 @@ def test_kohya_locon_and_peft_match_diffusers_fuse_lora(preset, tmp_path, tiny_c
     moved = max(float(np.abs(ours[k] - base[k].numpy()).max() / np.abs(base[k].numpy()).max()) for k in touched)
     assert moved > 1e-2
 
+
+
+# ------------------------------------------------------------------------------------ LyCORIS (diffusers: none)
+
+def _lycoris_cases(g):
+    """(kohya module name, LDM key, rows, tensors, expected delta at scale 1) with the formulas written out here."""
+    r, alpha = 4, 2.0
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g)
+
+    cases = []
+    # LoHa on a Linear: (w1a @ w1b) * (w2a @ w2b) * alpha / r
+    w = {"hada_w1_a": randn(32, r), "hada_w1_b": randn(r, 32), "hada_w2_a": randn(32, r), "hada_w2_b": randn(r, 32)}
+    expected = (w["hada_w1_a"] @ w["hada_w1_b"]) * (w["hada_w2_a"] @ w["hada_w2_b"]) * alpha / r
+    cases.append(("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
+                  "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight", w, expected))
+    # LoHa on a 3x3 conv: the products are (out, in*3*3), reshaped to the kernel
+    w = {"hada_w1_a": randn(32, r), "hada_w1_b": randn(r, 32 * 9), "hada_w2_a": randn(32, r),
+         "hada_w2_b": randn(r, 32 * 9)}
+    expected = ((w["hada_w1_a"] @ w["hada_w1_b"]) * (w["hada_w2_a"] @ w["hada_w2_b"]) * alpha / r).view(32, 32, 3, 3)
+    cases.append(("lora_unet_down_blocks_0_resnets_0_conv1",
+                  "model.diffusion_model.input_blocks.1.0.in_layers.2.weight", w, expected))
+    # LoKr, both factors full: kron(w1, w2), no alpha scaling
+    w = {"lokr_w1": randn(4, 4), "lokr_w2": randn(8, 8)}
+    cases.append(("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k",
+                  "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_k.weight", w,
+                  torch.kron(w["lokr_w1"], w["lokr_w2"])))
+    # LoKr, w2 decomposed on a 3x3 conv: kron(w1, w2a @ w2b viewed as (o2, i2, 3, 3)) * alpha / r
+    w = {"lokr_w1": randn(4, 4), "lokr_w2_a": randn(8, r), "lokr_w2_b": randn(r, 8 * 9)}
+    w2 = (w["lokr_w2_a"] @ w["lokr_w2_b"]).view(8, 8, 3, 3)
+    expected = torch.stack([torch.stack([w["lokr_w1"][i, j] * w2 for j in range(4)], 1) for i in range(4)], 0)
+    assert expected.shape == (4, 8, 4, 8, 3, 3)
+    expected = expected.reshape(32, 32, 3, 3) * alpha / r  # [i, o2, j, i2]: row i*8+o2, column j*8+i2
+    cases.append(("lora_unet_down_blocks_0_resnets_0_conv2",
+                  "model.diffusion_model.input_blocks.1.0.out_layers.3.weight", w, expected))
+    # Tucker (LoCon with lora_mid): conv 1x1 down -> kxk mid -> 1x1 up, composed
+    w = {"lora_down.weight": randn(r, 32, 1, 1), "lora_mid.weight": randn(r, r, 3, 3),
+         "lora_up.weight": randn(32, r, 1, 1)}
+    expected = torch.zeros(32, 32, 3, 3)
+    for o in range(32):
+        for c in range(32):
+            for i in range(r):
+                for j in range(r):
+                    expected[o, c] += w["lora_up.weight"][o, i, 0, 0] * w["lora_mid.weight"][i, j] * \
+                        w["lora_down.weight"][j, c, 0, 0]
+    cases.append(("lora_unet_up_blocks_3_resnets_0_conv2",
+                  "model.diffusion_model.output_blocks.9.0.out_layers.3.weight", w, expected * alpha / r))
+    return cases, alpha
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-sd2"])
+def test_lycoris_loha_lokr_tucker_follow_their_formulas(preset, tmp_path, tiny_checkpoint, tiny_sd2_checkpoint):
+    checkpoint = tiny_checkpoint if preset == "tiny" else tiny_sd2_checkpoint
+    g = torch.Generator().manual_seed(3)
+    cases, alpha = _lycoris_cases(g)
+    if preset == "tiny-sd2":  # the kernel shapes above are tiny's 32 channels; SD 2.x: a text-encoder LoHa on k
+        cases = []
+        w = {"hada_w1_a": torch.randn(128, 4, generator=g), "hada_w1_b": torch.randn(4, 128, generator=g),
+             "hada_w2_a": torch.randn(128, 4, generator=g), "hada_w2_b": torch.randn(4, 128, generator=g)}
+        expected = torch.zeros(384, 128)
+        expected[128:256] = (w["hada_w1_a"] @ w["hada_w1_b"]) * (w["hada_w2_a"] @ w["hada_w2_b"]) * alpha / 4
+        cases.append(("lora_te_text_model_encoder_layers_2_self_attn_k_proj",
+                      "cond_stage_model.model.transformer.resblocks.2.attn.in_proj_weight", w, expected))
+        w = {"lokr_w1_a": torch.randn(8, 4, generator=g), "lokr_w1_b": torch.randn(4, 8, generator=g),
+             "lokr_w2": torch.randn(32, 32, generator=g)}
+        cases.append(("lora_unet_mid_block_attentions_0_proj_in",  # SD 2.x: a Linear proj_in
+                      "model.diffusion_model.middle_block.1.proj_in.weight", w,
+                      torch.kron(w["lokr_w1_a"] @ w["lokr_w1_b"], w["lokr_w2"]) * alpha / 4))
+    state = {}
+    for module, _, tensors, _ in cases:
+        state.update({f"{module}.{k}": v.contiguous() for k, v in tensors.items()})
+        state[f"{module}.alpha"] = torch.tensor(alpha)
+    path = tmp_path / "lycoris.safetensors"
+    save_file(state, str(path))
+    ours, touched = _rtsd_merge(checkpoint, preset, [(path, -0.4)])
+    base = load_file(str(checkpoint))
+    assert touched == {key for _, key, _, _ in cases}
+    for _, key, _, delta in cases:
+        want = base[key] + (-0.4) * delta
+        err = (torch.from_numpy(ours[key]) - want).abs().max() / want.abs().max()
+        assert err < 1e-5, (key, float(err))
+        assert (want - base[key]).abs().max() / base[key].abs().max() > 1e-2  # it did change the weight
