@@ -43,9 +43,10 @@ class OnnxRuntimeEngine:
         for key, value in session_config.items():
             options.add_session_config_entry(key, value)
         if initializers:  # LoRA switching (engine/weights.py): these replace the file's initializers of that name
+            # add_external_initializers, not add_initializer: ORT applies the latter after its NCHWc layout pass has
+            # already copied conv weights, so conv updates were silently lost. The mapped weights are all external.
             self._values = [ort.OrtValue.ortvalue_from_numpy(a) for a in initializers.values()]  # must outlive it
-            for name, value in zip(initializers, self._values):
-                options.add_initializer(name, value)
+            options.add_external_initializers(list(initializers), self._values)
         try:
             return ort.InferenceSession(str(path), sess_options=options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own untyped errors for unreadable models

@@ -5,7 +5,7 @@ values lie in the component's ``.onnx.data`` file. A switch reads those base val
 (lora.merged), converts to the initializer's layout and dtype, and hands ``{initializer: array}`` to the engine:
 
 - ONNX Runtime: the touched sessions are recreated with these initializers supplied from memory
-  (``SessionOptions.add_initializer``); the files on disk never change, and ``{}`` recreates them from the files
+  (``SessionOptions.add_external_initializers``); the files on disk never change, and ``{}`` recreates them from the files
   alone, i.e. exactly the base weights.
 - TensorRT: the plan is refitted in place (engine/refit.py): every weight the new set changes, plus the base
   values of those the previous set changed and the new one does not.

@@ -157,13 +157,12 @@ def save(model, target: Path, external: bool | None = None) -> list[Path]:
     import onnx
 
     # ModelProto.ByteSize() itself fails past 2 GiB; the weights are what makes a model large.
-    threshold = 0 if external else 1024  # forced: every weight in the data file, where the weights map points
     if external is None:
         external = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
     data_name = target.name + ".data"
     if external:
         onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=threshold)
+                        location=data_name, size_threshold=1024)  # shape constants stay inline (ORT infers from them)
     else:
         onnx.save_model(model, str(target))
     onnx.shape_inference.infer_shapes_path(str(target), str(target))
