@@ -171,6 +171,7 @@ def test_cli_generate_with_loras_writes_them_into_the_png(tiny_engine_dir, loras
     parameters = json.loads(Image.open(out).text["parameters"])
     assert [(r["name"], r["scale"]) for r in parameters["loras"]] == [("style.safetensors", 0.7),
                                                                       ("detail.safetensors", -0.4)]
+    capsys.readouterr()
     assert main(["generate", str(tiny_engine_dir), "a fox", "--steps", "2", "--size", "128x128",
                  "--lora", str(tmp_path / "missing.safetensors"), "-o", str(out)]) == 2
     err = capsys.readouterr().err.strip()

@@ -56,7 +56,7 @@ class LoraSwitcher:
         timings["read"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         per_key = stack_deltas(files, self.table(), self.manifest.model.family)  # raises before anything changes
-        timings["match"] = time.perf_counter() - t0
+        timings["deltas"] = time.perf_counter() - t0  # matching + the up @ down products
         t0 = time.perf_counter()
         new: dict[str, dict[str, np.ndarray]] = {c: {} for c in LORA_COMPONENTS}
         keys: dict[str, dict[str, str]] = {c: {} for c in LORA_COMPONENTS}
