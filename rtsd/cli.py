@@ -170,6 +170,9 @@ def _info(args) -> int:
         from rtsd.export.manifest import Manifest
 
         info = Manifest.read(args.path).to_dict()
+        for record in info["components"].values():  # one line per weights map, not thousands (--json has all)
+            if "weights_map" in record and not args.json:
+                record["weights_map"] = f"{len(record['weights_map']['weights'])} LoRA-addressable weights"
     else:
         from rtsd.checkpoint import open_checkpoint, summarize
 
