@@ -67,6 +67,7 @@ def _sampled(name: str) -> bool:
     return any(p in name for p in parts)
 
 
+@pytest.mark.slow  # ~45 s (diffusers' PEFT injection); run with: pytest -m slow tests/test_lora_merge.py
 @pytest.mark.parametrize("preset", ["tiny", "tiny-sd2"])
 def test_kohya_locon_and_peft_match_diffusers_fuse_lora(preset, tmp_path, tiny_checkpoint, tiny_sd2_checkpoint):
     checkpoint = tiny_checkpoint if preset == "tiny" else tiny_sd2_checkpoint

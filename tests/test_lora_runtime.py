@@ -82,6 +82,7 @@ def images(runtime, loras, latents):
     return base, switched, back
 
 
+@pytest.mark.slow  # ~40 s: the diffusers pipeline run; pytest -m slow tests/test_lora_runtime.py
 def test_switched_loras_match_diffusers_with_the_same_loras_fused(images, pipe, loras, latents):
     pipe.load_lora_weights(list(loras)[0], adapter_name="style")
     pipe.load_lora_weights(list(loras)[1], adapter_name="detail")
