@@ -68,6 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check", action="store_true",
                    help="skip the parity check of the written engines against the PyTorch reference")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", type=_lora_arg,
+                   help="merge a LoRA into the weights before export (repeatable; scale default 1.0)")
+    p.add_argument("--refittable", action="store_true", help="TensorRT: plans whose LoRA-addressable weights can be "
+                   "refitted at run time (switch LoRAs without a rebuild); may cost a little speed")
     p.set_defaults(run=_export)
 
     p = sub.add_parser("generate", help="generate images from a prompt")
@@ -95,6 +99,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="textual-inversion file (.pt, .safetensors, .bin), called by its file name; repeatable")
     p.add_argument("--embeddings-dir", type=Path, metavar="DIR",
                    help="load every textual-inversion file in DIR (A1111's embeddings folder)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", type=_lora_arg,
+                   help="apply a LoRA at run time (repeatable; scale default 1.0)")
     p.set_defaults(run=_generate)
 
     p = sub.add_parser("parity", help="compare an engine directory with the PyTorch reference")
@@ -143,8 +149,8 @@ def _export(args) -> int:
            "fp32_components": ("vae_decoder", "vae_encoder") if args.fp32_vae else ()}
     export(args.checkpoint, args.output, shape_range=shape_range, precision=args.precision, backend=args.backend,
            prediction_type=args.prediction_type, overwrite=args.force, clip_skip=args.clip_skip,
-           check=not args.no_check,
-           tensorrt_options=trt if args.backend == "tensorrt" else None)
+           check=not args.no_check, loras=args.lora,
+           tensorrt_options={**trt, "refittable": args.refittable} if args.backend == "tensorrt" else None)
     return 0
 
 
@@ -166,7 +172,7 @@ def _generate(args) -> int:
     result = runtime.generate(args.prompt, args.negative, steps=args.steps, guidance_scale=args.cfg, height=height,
                               width=width, seed=args.seed, scheduler=args.scheduler, num_images=args.num_images,
                               image=args.image, mask_image=args.mask, strength=args.strength,
-                              callback=_progress_bar(args.steps),
+                              callback=_progress_bar(args.steps), loras=dict(args.lora) if args.lora else None,
                               prompt_syntax="plain" if args.plain_prompt else "a1111")
     for path, image in zip(_output_paths(args.output, len(result.images)), result.images):
         save_png(image, path, result.parameters)
@@ -195,6 +201,9 @@ def _info(args) -> int:
         from rtsd.export.manifest import Manifest
 
         info = Manifest.read(args.path).to_dict()
+        for record in info["components"].values():  # one line per weights map, not thousands (--json has all)
+            if "weights_map" in record and not args.json:
+                record["weights_map"] = f"{len(record['weights_map']['weights'])} LoRA-addressable weights"
     else:
         from rtsd.checkpoint import open_checkpoint, summarize
 
@@ -230,6 +239,17 @@ def _demo(args) -> int:
     print(f"demo finished in {time.perf_counter() - start:.1f} s; with a real checkpoint: "
           f"rtsd export --checkpoint sd.safetensors --output engines && rtsd generate engines \"a prompt\"")
     return 0
+
+
+def _lora_arg(text: str) -> tuple[str, float]:
+    """PATH[:SCALE] -> (path, scale); a Windows drive letter or a path with ':' keeps working when no scale follows."""
+    path, sep, scale = text.rpartition(":")
+    if sep:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return text, 1.0
 
 
 def save_png(image, path: Path, parameters: dict) -> None:

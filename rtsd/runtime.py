@@ -91,6 +91,7 @@ class Runtime:
         self.backend_name, self.engines, self.source_sha256 = backend_name, engines, source_sha256
         self.xp = engines["unet"].xp
         self.text = TextConditioning(tokenizer, engines["text_encoder"].spec, config, shape_range)
+        self._loras = None  # engine/weights.LoraSwitcher, created on the first LoRA request
 
     def load_textual_inversion(self, path: str | Path, token: str | None = None) -> str:
         """Make a textual-inversion file (A1111 .pt, .safetensors, diffusers learned_embeds) callable in prompts as
@@ -102,13 +103,28 @@ class Runtime:
         """Every embedding file in ``directory`` (A1111's embeddings folder), each called by its stem."""
         return [e.token for e in self.text.load_embeddings_dir(directory)]
 
+    def set_loras(self, loras: "dict[str | Path, float]") -> None:
+        """Run with these LoRAs ({path: scale}) from now on, switched in the loaded engines (ONNX Runtime sessions
+        rebuilt from memory, TensorRT plans refitted); no re-export, no rebuild. ``{}`` returns to the base weights."""
+        if self._loras is None:
+            if self.manifest is None:
+                raise RtsdError("LoRAs need an engine directory; merge them into the reference models instead")
+            from rtsd.engine.weights import LoraSwitcher
+
+            self._loras = LoraSwitcher(self.engine_dir, self.manifest, self.backend_name)
+        self._loras.switch(self.engines, loras)
+
+    def _lora_records(self) -> list[dict]:
+        baked = [{**r, "sha256": r["sha256"][:12], "baked": True} for r in (self.manifest.loras if self.manifest else [])]
+        return baked + (self._loras.records if self._loras else [])
+
     def generate(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
                  steps: int = 30, guidance_scale: float = 7.5, height: int = 512, width: int = 512,
                  seed: int | None = None, seeds: Sequence[int] | None = None, scheduler: str = "dpmpp_2m",
                  scheduler_options: dict | None = None,
                  num_images: int = 1, latents: np.ndarray | None = None, image=None, mask_image=None,
                  strength: float | None = None, callback: StepCallback | None = None,
-                 prompt_syntax: str = "a1111") -> GenerationResult:
+                 prompt_syntax: str = "a1111", loras: "dict[str | Path, float] | None" = None) -> GenerationResult:
         """prompt_syntax: "a1111" (``(word:1.2)``, ``[word]``, BREAK; prompts past 75 tokens in chunks; rtsd.prompt)
         or "plain" (the text as is, still chunked).
         seeds: one seed per image instead of ``seed`` (rtsd.noise): image i then equals a one-image generation
@@ -116,7 +132,8 @@ class Runtime:
         image: init image (PIL, path, or (H, W, 3) uint8 / [0, 1] float array) for img2img, or the picture to
         inpaint; mask_image: inpainting engine dirs only, same size, white = repaint, black = keep (PIL "L"/"1"/"RGB",
         path, or (H, W) array). strength: how much to repaint, default 0.8 for img2img and 1.0 for inpainting
-        (1.0 starts from pure noise; less starts from the noised encoded image)."""
+        (1.0 starts from pure noise; less starts from the noised encoded image). loras: {path: scale}, switched in
+        only when it differs from the current set (see set_loras); None keeps the current set."""
         timings: dict[str, float] = {}
         start = time.perf_counter()
 
@@ -146,6 +163,8 @@ class Runtime:
         t0 = time.perf_counter()
         text = self.text.prepare(negatives + prompts if use_cfg else prompts, prompt_syntax)  # syntax, chunks, limit
         timings["tokenize"] = time.perf_counter() - t0
+        if loras is not None:
+            self.set_loras(loras)  # after every request check (the prompt's too): a bad request changes no weights
 
         # 2. Encode prompts: unconditional rows first, then conditional, one text-encoder call per 77-token chunk.
         t0 = time.perf_counter()
@@ -223,7 +242,8 @@ class Runtime:
                       "embeddings": text.describe_embeddings(), "scheduler_options": scheduler_options or {},
                       "strength": strength if image is not None else None, "inpainting": inpaint,
                       "backend": self.backend_name,
-                      "model": self.config.family, "checkpoint_sha256": self.source_sha256}
+                      "model": self.config.family, "checkpoint_sha256": self.source_sha256,
+                      "loras": self._lora_records()}
         return GenerationResult(images=images, seed=seed, timings=timings, parameters=parameters)
 
     def _encode(self, pixels: np.ndarray):

@@ -1,1 +1,2 @@
-"""Files that adapt a loaded model without re-export: textual-inversion embeddings (embeddings.py)."""
+"""Adapters applied to a base checkpoint's weights or inputs: LoRA files (lora.py), textual-inversion embeddings
+(embeddings.py)."""

@@ -28,19 +28,34 @@ class OnnxRuntimeEngine:
 
     def __init__(self, name: str, path: Path, spec: IOSpec, providers: list[str], threads: int | None = None,
                  session_config: Mapping[str, str] | None = None):
+        self.name, self.spec = name, spec
+        self._open = (path, providers, threads, dict(session_config or {}))
+        self.session = self._session({})
+        self._outputs = [t.name for t in spec.outputs]
+
+    def _session(self, initializers: Mapping[str, np.ndarray]):
         ort = _ort()
+        path, providers, threads, session_config = self._open
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
-        for key, value in (session_config or {}).items():
+        for key, value in session_config.items():
             options.add_session_config_entry(key, value)
-        self.name, self.spec = name, spec
+        if initializers:  # LoRA switching (engine/weights.py): these replace the file's initializers of that name
+            # add_external_initializers, not add_initializer: ORT applies the latter after its NCHWc layout pass has
+            # already copied conv weights, so conv updates were silently lost. The mapped weights are all external.
+            self._values = [ort.OrtValue.ortvalue_from_numpy(a) for a in initializers.values()]  # must outlive it
+            options.add_external_initializers(list(initializers), self._values)
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+            return ort.InferenceSession(str(path), sess_options=options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own untyped errors for unreadable models
             raise EngineDirError(f"cannot load {path}: {str(exc).splitlines()[0]}; re-export the engine directory") from None
-        self._outputs = [t.name for t in spec.outputs]
+
+    def reload(self, initializers: Mapping[str, np.ndarray]) -> None:
+        """Recreate the session from the same file with ``initializers`` supplied from memory ({} = the file's)."""
+        self.session = None  # release the old session's weights before the new one loads
+        self.session = self._session(initializers)
 
     def allocate(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
         """ONNX Runtime manages its own arena; nothing to reserve."""

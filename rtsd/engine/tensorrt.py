@@ -285,6 +285,15 @@ class TensorRTEngine:
             return self._fallback.infer(feeds)
         return outputs
 
+    def refit(self, weights: Mapping[str, np.ndarray]) -> None:
+        """New values for named weights (LoRA switch, engine/refit.py); captured graphs are dropped afterwards."""
+        from rtsd.engine.refit import refit_engine
+
+        self.synchronize()  # no queued call may run while the weights change
+        refit_engine(self._backend.trt, self._engine, self._backend._logger, weights)
+        if self._graphs is not None:
+            self._graphs.clear()
+
     def to_host(self, array) -> np.ndarray:
         """Device -> host copy, ordered after this engine's work on the shared stream."""
         return to_host(array, self._backend.stream)

@@ -1,6 +1,6 @@
 """engine_dir/manifest.json: the self-describing contract between the exporter and every runtime (Python or C++).
 
-Layout (format_version 2):
+Layout (format_version 3; versions 1 and 2 still load: see below for what each lacks):
 
     format_version, rtsd_version, created
     source: {checkpoint, sha256, format}
@@ -12,7 +12,13 @@ Layout (format_version 2):
     components: {name: {onnx: {file, data_files, sha256, precision, data_sha256?}, io: IOSpec.to_dict(),
                         profile: {input: {min, opt, max}},
                         engines: {tensorrt: {file, sha256, precision, tensorrt_version, gpu, compute_capability,
-                                             onnx_sha256, fp32_layers}}}}
+                                             onnx_sha256, fp32_layers, refittable}}}}
+    loras: [{name, sha256, scale}]          (version 3: LoRAs merged into the weights at export, in order)
+
+Version 3 adds, for the UNet and text encoder, ``components[name]["weights_map"]``: checkpoint key -> ONNX
+initializer + layout change + the byte range of its base values in the component's .onnx.data file (documented in
+rtsd/export/weights_map.py), which LoRA switching and TensorRT refit follow; and ``loras``. TensorRT records gain
+``refittable`` (plans built with the REFIT flag).
 
 Optional fields (readers tolerate their absence; directories written before them still load): ``tokenizer.sha256``
 {file: sha256} and ``onnx.data_sha256`` {data file: sha256}. Every path is relative to the engine directory and
@@ -40,8 +46,10 @@ from rtsd.config import ModelConfig
 from rtsd.errors import EngineDirError
 from rtsd.export.specs import CHUNK_TOKENS, COMPONENTS, IOSpec, ShapeRange, prompt_contract
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # 1: before long prompts and textual inversion (one 77-token chunk, token ids only)
+FORMAT_VERSION = 3
+# 1: before long prompts and textual inversion (one 77-token chunk, token ids only) and LoRA switching;
+# 2: long prompts and textual inversion, no weights map (generation works, LoRA switching asks to re-export).
+READABLE_VERSIONS = (1, 2, FORMAT_VERSION)
 MANIFEST_NAME = "manifest.json"
 
 
@@ -55,6 +63,7 @@ class Manifest:
     rtsd_version: str = ""
     created: str = ""
     format_version: int = FORMAT_VERSION
+    loras: list[dict[str, Any]] = field(default_factory=list)
 
     def spec(self, component: str) -> IOSpec:
         return IOSpec.from_dict(component, self.components[component]["io"])
@@ -78,6 +87,7 @@ class Manifest:
             "prompt": prompt_contract(self.model, self.shape_range,
                                       self.spec("text_encoder") if "text_encoder" in self.components else None),
             "components": self.components,
+            "loras": self.loras,
         }
         if self.format_version == 1:  # rewritten (e.g. by --rebuild) in the layout format-1 readers know
             del data["prompt"], data["shape_range"]["max_prompt_tokens"]
@@ -124,7 +134,8 @@ class Manifest:
                 model=ModelConfig.from_dict(data["model"]),
                 shape_range=ShapeRange.from_dict(shape_range),
                 source=data["source"], tokenizer=data["tokenizer"], components=data["components"],
-                rtsd_version=data.get("rtsd_version", ""), created=data.get("created", ""), format_version=version)
+                rtsd_version=data.get("rtsd_version", ""), created=data.get("created", ""), format_version=version,
+                loras=list(data.get("loras", [])))
             for name in COMPONENTS:
                 manifest.spec(name)
         except (KeyError, TypeError, ValueError) as exc:

@@ -67,8 +67,12 @@ def component_module(models, component: str):
 
 
 def export_component(models, component: str, path: str | Path, shape_range: ShapeRange = ShapeRange(),
-                     opset: int = OPSET, precision: str = "fp32") -> list[Path]:
-    """Export one sub-model to ``path``; returns the files written (the .onnx and any external data file)."""
+                     opset: int = OPSET, precision: str = "fp32", weights_map: dict | None = None) -> list[Path]:
+    """Export one sub-model to ``path``; returns the files written (the .onnx and any external data file).
+
+    weights_map: a dict to fill with the component's weights map (export/weights_map.py); the weights then go to
+    an external data file, whose offsets the map records.
+    """
     import torch
 
     path = Path(path)
@@ -89,17 +93,35 @@ def export_component(models, component: str, path: str | Path, shape_range: Shap
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
             torch.onnx.export(module, args, str(raw), input_names=[t.name for t in spec.inputs],
                               output_names=[t.name for t in spec.outputs], dynamic_axes=spec.dynamic_axes(),
-                              opset_version=opset, do_constant_folding=True, dynamo=False)
-        return clean_up(raw, path, precision=precision)
+                              opset_version=opset, do_constant_folding=weights_map is None, dynamo=False)
+        parameters = _lora_parameters(models, component) if weights_map is not None else None
+        return clean_up(raw, path, precision=precision, parameters=parameters, weights_map=weights_map)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def clean_up(source: Path, target: Path, precision: str = "fp32") -> list[Path]:
+def _lora_parameters(models, component: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Graph parameter name -> (checkpoint key, shape) for every weight a LoRA can address in ``component``."""
+    from rtsd.adapters.lora_keys import lora_table
+    from rtsd.models.loading import COMPONENT_PREFIXES
+
+    shapes = models.ldm_shapes()
+    prefix = COMPONENT_PREFIXES[component] if component in COMPONENT_PREFIXES else None
+    keys = {t.key for t in lora_table(shapes, models.config.unet.num_res_blocks).values()}
+    return {f"{component}.{key[len(prefix):]}": (key, shapes[key]) for key in sorted(keys)
+            if prefix and key.startswith(prefix)}
+
+
+def clean_up(source: Path, target: Path, precision: str = "fp32", parameters: dict | None = None,
+             weights_map: dict | None = None) -> list[Path]:
     """Fold constants, drop dead nodes, infer shapes, optionally cast weights to fp16; write ``target``.
 
     onnx-graphsurgeon does the folding (it evaluates constant subgraphs with ONNX Runtime) and the clean-up.
+    parameters (graph name -> (checkpoint key, shape)): keep these weights' initializers named after them through
+    the folding and fill ``weights_map`` (export/weights_map.py).
     """
+    from rtsd.export import weights_map as wmap
+
     import onnx
     import onnx_graphsurgeon as gs
 
@@ -108,7 +130,9 @@ def clean_up(source: Path, target: Path, precision: str = "fp32") -> list[Path]:
     onnxruntime.set_default_logger_severity(3)  # graphsurgeon folds with ORT; its optimizer notes are not for users
     model = onnx.load(str(source), load_external_data=True)
     graph = gs.import_onnx(model)
+    traced = wmap.trace(graph, parameters) if parameters else {}
     graph.fold_constants().cleanup().toposort()  # fold in fp32, before any cast to fp16
+    wmap.name_folded(graph, traced)
     model = gs.export_onnx(graph)
     if precision == "fp16":
         from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -118,20 +142,28 @@ def clean_up(source: Path, target: Path, precision: str = "fp32") -> list[Path]:
         model = gs.export_onnx(gs.import_onnx(model).cleanup().toposort())  # the converter appends its Casts last
     elif precision != "fp32":
         raise ValueError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
-    return save(model, target)
+    files = save(model, target, external=True if parameters else None)
+    if parameters:
+        import onnx
+
+        saved = onnx.load(str(target), load_external_data=False)
+        weights_map.update(wmap.build(saved, traced, {n: k for n, (k, _) in parameters.items()},
+                                      {k: s for k, s in parameters.values()}, target.name + ".data"))
+    return files
 
 
-def save(model, target: Path) -> list[Path]:
-    """Write ``model``; above 2 GB the weights go to ``<name>.onnx.data``. Shape inference and the checker run by path
-    (the in-memory variants cannot handle > 2 GB models)."""
+def save(model, target: Path, external: bool | None = None) -> list[Path]:
+    """Write ``model``; above 2 GB (or when ``external``) the weights go to ``<name>.onnx.data``. Shape inference
+    and the checker run by path (the in-memory variants cannot handle > 2 GB models)."""
     import onnx
 
     # ModelProto.ByteSize() itself fails past 2 GiB; the weights are what makes a model large.
-    external = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
+    if external is None:
+        external = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
     data_name = target.name + ".data"
     if external:
         onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
+                        location=data_name, size_threshold=1024)  # shape constants stay inline (ORT infers from them)
     else:
         onnx.save_model(model, str(target))
     onnx.shape_inference.infer_shapes_path(str(target), str(target))

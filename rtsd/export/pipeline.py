@@ -20,13 +20,15 @@ from rtsd.export.output_dir import check_output, make_work_dir, remove_stale_wor
 from rtsd.export.specs import COMPONENTS, ShapeRange, specs_for
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+LORA_COMPONENTS = ("unet", "text_encoder")  # the sub-models LoRAs address: exported with a weights map
 Progress = Callable[[str], None]
 
 
 def export(checkpoint: str | Path, output: str | Path, *, shape_range: ShapeRange | None = None,
            precision: str = "fp32", backend: str = "onnx", prediction_type: str | None = None,
            overwrite: bool = False, progress: Progress | None = print, tensorrt_options: dict | None = None,
-           components: Sequence[str] = COMPONENTS, clip_skip: int | None = None, check: bool = True) -> Path:
+           components: Sequence[str] = COMPONENTS, clip_skip: int | None = None, check: bool = True,
+           loras: Sequence[tuple[str | Path, float]] = ()) -> Path:
     """Export ``checkpoint`` to the engine directory ``output``; returns its path.
 
     backend: "onnx" (ONNX files only, run with ONNX Runtime) or "tensorrt" (also builds fp16 .plan engines).
@@ -35,6 +37,7 @@ def export(checkpoint: str | Path, output: str | Path, *, shape_range: ShapeRang
         SD 2.x's default and a common SD 1.x choice); baked into the text encoder's ONNX and recorded in the manifest.
     check: run every engine written against the reference at the smallest exported size (DESIGN.md thresholds);
         the metrics go into the manifest, and an engine past its threshold fails the export (nothing is written).
+    loras: (file, scale) pairs merged into the weights before the ONNX export, in order; recorded in the manifest.
     """
     shape_range = shape_range or ShapeRange()
     output = Path(output)
@@ -59,7 +62,7 @@ def _export(checkpoint, output: Path, shape_range: ShapeRange, precision: str, b
     from rtsd.models import load_checkpoint
 
     check = check and tuple(components) == COMPONENTS
-    stages = 3 + len(components) + (backend == "tensorrt") + check
+    stages = 3 + len(components) + (backend == "tensorrt") + check + bool(loras)
     stage = _Stages(stages, say)
     with stage("reading checkpoint"):
         source = open_checkpoint(checkpoint)
@@ -72,6 +75,12 @@ def _export(checkpoint, output: Path, shape_range: ShapeRange, precision: str, b
             config = _with_clip_skip(models, config, clip_skip)
         say(f"      {config.family}, prediction type {chosen} ({origin}), "
             f"text layer {config.text_encoder.output_layer} (clip skip {-config.text_encoder.output_layer})")
+    baked = []
+    if loras:
+        from rtsd.adapters.bake import bake_loras
+
+        with stage(f"merging {len(loras)} LoRA(s) into the weights"):
+            baked = bake_loras(models, loras)
 
     for stale in remove_stale_work_dirs(output):
         say(f"      removed {stale.name}, left by an export that was killed")
@@ -83,18 +92,20 @@ def _export(checkpoint, output: Path, shape_range: ShapeRange, precision: str, b
         records = {}
         for name in components:
             with stage(f"exporting {name} to ONNX ({precision})"):
-                files = export_component(models, name, work / f"{name}.onnx", shape_range, precision=precision)
+                weights_map = {} if name in LORA_COMPONENTS else None  # what LoRA switching and refit follow
+                files = export_component(models, name, work / f"{name}.onnx", shape_range, precision=precision,
+                                         weights_map=weights_map)
                 records[name] = {
                     "onnx": {"file": files[0].name, "data_files": [f.name for f in files[1:]],
                              "sha256": _sha256_remembered(files[0]), "precision": precision,
                              "data_sha256": {f.name: _sha256_remembered(f) for f in files[1:]}},
                     "io": specs[name].to_dict(), "profile": _profile_json(specs[name].profile(shape_range)),
-                    "engines": {}}
+                    "engines": {}, **({"weights_map": weights_map} if weights_map is not None else {})}
         manifest = Manifest(model=config, shape_range=shape_range,
                             tokenizer=_tokenizer_record(models.tokenizer, work / "tokenizer"),
                             source={"checkpoint": Path(checkpoint).name, "sha256": source.sha256(),
                                     "format": source.format},
-                            components=records)
+                            components=records, loras=baked)
         with stage("writing manifest"):
             manifest.write(work)
         if backend == "tensorrt":

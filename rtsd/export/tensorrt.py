@@ -117,7 +117,7 @@ def build_engines(engine_dir: str | Path, manifest: Manifest, *, components: Ite
                   optimization_level: int = 3, static: bool | None = None,
                   fp32_components: Iterable[str] | None = None, fp32_fallback: Iterable[str] = ("vae_decoder",),
                   rebuild_stale_only: bool = False, timing_cache: str | None = "timing.cache",
-                  progress: Callable[[str], None] | None = None) -> Manifest:
+                  progress: Callable[[str], None] | None = None, refittable: bool = False) -> Manifest:
     """Build ``<component>.plan`` for each component from its ONNX in ``engine_dir``; record them in ``manifest``.
 
     ``static`` None: the manifest's ShapeRange decides. ``fp32_components`` None: none for a fresh build; with
@@ -138,6 +138,8 @@ def build_engines(engine_dir: str | Path, manifest: Manifest, *, components: Ite
     _, gpu_name, capability = cuda_device("Building TensorRT engines")
     host = HostInfo(trt.__version__, gpu_name, capability)
     builder = _Builder(trt, engine_dir, optimization_level, timing_cache)
+    refit_names = {c: [e["initializer"] for e in manifest.components[c].get("weights_map", {}).get("weights", {})
+                       .values()] if refittable else [] for c in components}  # engine/refit.py
 
     for component in components:
         spec = manifest.spec(component)
@@ -161,7 +163,8 @@ def build_engines(engine_dir: str | Path, manifest: Manifest, *, components: Ite
         started = time.perf_counter()
         say(f"{component}: building {component}.plan ({precision}, optimization level {optimization_level}, "
             f"{'static' if is_static else 'dynamic'} shapes) ...")
-        record = builder.build(onnx_path, spec, engine_dir / f"{component}.plan", component, precision, profile)
+        record = builder.build(onnx_path, spec, engine_dir / f"{component}.plan", component, precision, profile,
+                               refit_names[component])
         if component in fp32_fallback and precision == "fp16":
             say(f"{component}: building the fp32 fallback {component}.fp32.plan ...")
             fallback = builder.build(onnx_path, spec, engine_dir / f"{component}.fp32.plan", component, "fp32",
@@ -211,7 +214,7 @@ class _Builder:
         self.cache_bytes = self.cache_path.read_bytes() if self.cache_path and self.cache_path.is_file() else b""
 
     def build(self, onnx_path: Path, spec: IOSpec, plan_path: Path, component: str, precision: str,
-              profile: Mapping[str, Mapping[str, Sequence[int]]]) -> dict[str, Any]:
+              profile: Mapping[str, Mapping[str, Sequence[int]]], refit_names: Sequence[str] = ()) -> dict[str, Any]:
         if TYPE_CHECKING:
             import tensorrt as trt
         else:
@@ -230,6 +233,9 @@ class _Builder:
 
         config: tensorrt.IBuilderConfig = self.builder.create_builder_config()
         config.builder_optimization_level = self.optimization_level
+        from rtsd.engine.refit import mark_refittable
+
+        refittable = mark_refittable(trt, network, config, refit_names)
         fp32_layers: list[str] = []
         if precision == "fp16":
             config.set_flag(trt.BuilderFlag.FP16)
@@ -263,7 +269,8 @@ class _Builder:
         if cache is not None and self.cache_path is not None:
             self.cache_bytes = bytes(memoryview(config.get_timing_cache().serialize()))
             _write_atomic(self.cache_path, self.cache_bytes)
-        return {"file": plan_path.name, "sha256": digest, "precision": precision, "fp32_layers": fp32_layers}
+        return {"file": plan_path.name, "sha256": digest, "precision": precision, "fp32_layers": fp32_layers,
+                "refittable": refittable}
 
 
 def _layer_infos(trt_module: Any, network: tensorrt.INetworkDefinition) -> list[LayerInfo]:
