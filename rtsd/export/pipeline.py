@@ -45,12 +45,12 @@ def export(checkpoint: str | Path, output: str | Path, *, shape_range: ShapeRang
     _check_request(output, overwrite, precision, backend, prediction_type)
     with sigterm_as_interrupt():
         return _export(checkpoint, output, shape_range, precision, backend, prediction_type, say, tensorrt_options,
-                       components, clip_skip, check)
+                       components, clip_skip, check, loras)
 
 
 def _export(checkpoint, output: Path, shape_range: ShapeRange, precision: str, backend: str,
             prediction_type: str | None, say: Progress, tensorrt_options: dict | None, components: Sequence[str],
-            clip_skip: int | None, check: bool) -> Path:
+            clip_skip: int | None, check: bool, loras: Sequence[tuple[str | Path, float]]) -> Path:
     if backend == "tensorrt":
         from rtsd.export.tensorrt import require_tensorrt
 
