@@ -148,11 +148,13 @@ def test_baked_in_export_gives_the_switched_images(tiny_checkpoint, loras, image
     assert np.array_equal(ours, switched)
 
 
-def test_format_1_engine_dirs_generate_but_ask_to_reexport_for_loras(tiny_engine_dir, tmp_path, loras, latents):
+def test_format_2_engine_dirs_generate_but_ask_to_reexport_for_loras(tiny_engine_dir, tmp_path, loras, latents):
+    """Format 2 (long prompts, before the weights map) is the newest layout without a weights map; format 1 lacks
+    it too (its loading is tested in test_prompt_e2e)."""
     old = tmp_path / "old"
     shutil.copytree(tiny_engine_dir, old)
     data = json.loads((old / "manifest.json").read_text())
-    data["format_version"] = 1
+    data["format_version"] = 2
     data.pop("loras")
     for record in data["components"].values():
         record.pop("weights_map", None)

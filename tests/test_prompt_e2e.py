@@ -18,6 +18,7 @@ import torch
 
 from rtsd.cli import main
 from rtsd.errors import EngineDirError
+from rtsd.export.manifest import sha256_file
 from rtsd.runtime import Runtime
 from tests.diffusers_oracle import diffusers_pipeline
 from tests.test_prompt import LONG, a1111_chunks
@@ -195,6 +196,7 @@ def _format_1_copy(engine_dir, checkpoint, target):
     te = data["components"]["text_encoder"]
     te["io"]["inputs"] = [t for t in te["io"]["inputs"] if t["name"] == "input_ids"]
     te["profile"] = {"input_ids": te["profile"]["input_ids"]}
+    te["onnx"]["sha256"] = sha256_file(target / "text_encoder.onnx")  # what that export recorded for its file
     for tensor in data["components"]["unet"]["io"]["inputs"]:
         if tensor["name"] == "encoder_hidden_states":
             tensor["shape"][1] = 77

@@ -126,7 +126,7 @@ def check_contract(engine_dir: Path, manifest, onnx_files: bool = True) -> None:
     from rtsd.engine.onnx_header import OnnxHeaderError, read_io
     from rtsd.export.specs import COMPONENTS, specs_for
 
-    expected = specs_for(manifest.model)
+    expected = _expected_specs(manifest, specs_for(manifest.model, manifest.shape_range))
     for name in [c for c in COMPONENTS if c in manifest.components]:
         spec = manifest.spec(name)
         if name in expected and _io(spec) != _io(expected[name]):
@@ -148,6 +148,24 @@ def check_contract(engine_dir: Path, manifest, onnx_files: bool = True) -> None:
             if problem:
                 raise EngineDirError(f"{path} does not match the manifest: {tensor.name} {problem}; the file comes "
                                      f"from another export or the manifest was edited: {REEXPORT}")
+
+
+def _expected_specs(manifest, current: dict) -> dict:
+    """What the manifest's format version declares: format 1 predates long prompts and textual inversion (a text
+    encoder of token ids only, a UNet context of exactly one 77-token chunk); formats 2 and 3 are today's specs."""
+    if manifest.format_version != 1:
+        return current
+    import dataclasses
+
+    from rtsd.export.specs import CONTEXT_AXIS
+
+    text, unet = current["text_encoder"], current["unet"]
+    chunk = text.inputs[0].shape[1]
+    return {**current,
+            "text_encoder": dataclasses.replace(text, inputs=tuple(t for t in text.inputs if t.name == "input_ids")),
+            "unet": dataclasses.replace(unet, inputs=tuple(
+                dataclasses.replace(t, shape=tuple(chunk if d == CONTEXT_AXIS else d for d in t.shape))
+                for t in unet.inputs))}
 
 
 def _io(spec) -> list:
