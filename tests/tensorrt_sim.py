@@ -403,7 +403,7 @@ class SimTensorRT:
 
     def __init__(self, config, shape_range, compute=None, launch=None, cupy=None):
         self.deserialized = []
-        specs, compute, launch = specs_for(config), compute or BOOKKEEPING, launch or cpu_launcher()
+        specs, compute, launch = specs_for(config, shape_range), compute or BOOKKEEPING, launch or cpu_launcher()
         sim = self
 
         class Runtime:
@@ -432,7 +432,7 @@ class SimTensorRT:
 def sim_manifest(config, shape_range: ShapeRange, gpu: str, capability: str, *, overflow=("vae_decoder",),
                  fallback=("vae_decoder",)) -> tuple[Manifest, dict[str, str]]:
     """A manifest whose TensorRT records match the given machine, and the plan files' contents by file name."""
-    specs, components, plans = specs_for(config), {}, {}
+    specs, components, plans = specs_for(config, shape_range), {}, {}
     for name in COMPONENTS:
         plans[f"{name}.plan"] = f"{name}:{'overflow' if name in overflow else 'ok'}"
         record = {"file": f"{name}.plan", "precision": "fp16", "tensorrt_version": SIM_TENSORRT_VERSION, "gpu": gpu,

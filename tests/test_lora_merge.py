@@ -21,6 +21,9 @@ from rtsd.models.synthetic import PRESETS
 pytest.importorskip("peft")  # diffusers' LoRA loading goes through PEFT
 
 
+PUBLISHED_FAMILY = {"tiny": "sd15", "tiny-sd2": "sd21"}  # the oracle's literal published configs
+
+
 def _rtsd_merge(checkpoint, preset, files):
     """rtsd's merged LDM state dict (float32) for [(path, scale)]."""
     ldm = {k: v.float().numpy() for k, v in load_file(str(checkpoint)).items()}
@@ -33,7 +36,7 @@ def _pipeline(checkpoint, preset):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from diffusers_oracle import load_oracles
 
-    o = load_oracles(checkpoint, PRESETS[preset])
+    o = load_oracles(checkpoint, PUBLISHED_FAMILY[preset])
     pipe = StableDiffusionPipeline(vae=o.vae, text_encoder=o.text_encoder, tokenizer=None, unet=o.unet,
                                    scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -46,7 +49,7 @@ def _compare_with_diffusers(tmp_path, checkpoint, preset, merged_ldm, pipe):
 
     path = tmp_path / "merged.safetensors"
     save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in merged_ldm.items()}, str(path))
-    ours = load_oracles(path, PRESETS[preset])
+    ours = load_oracles(path, PUBLISHED_FAMILY[preset])
     worst = {}
     for name, theirs_module, ours_module in (("unet", pipe.unet, ours.unet),
                                              ("text_encoder", pipe.text_encoder, ours.text_encoder)):

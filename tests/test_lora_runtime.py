@@ -49,9 +49,8 @@ def latents():
 @pytest.fixture(scope="module")
 def pipe(tiny_checkpoint, tiny_engine_dir):
     from diffusers_oracle import diffusers_pipeline
-    from rtsd.models.synthetic import PRESETS
 
-    return diffusers_pipeline(tiny_checkpoint, PRESETS["tiny"], tiny_engine_dir / "tokenizer", _sd15_euler())
+    return diffusers_pipeline(tiny_checkpoint, "sd15", tiny_engine_dir / "tokenizer", _sd15_euler())
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,7 @@ def euler(prediction_type: str):
                                   prediction_type=prediction_type)
 
 
+PUBLISHED_FAMILY = {"sd1": "sd15", "sd2": "sd21"}  # the oracle's literal published configs (tests/diffusers_oracle)
 FAMILIES = {"sd1": ("tiny_checkpoint", "tiny_engine_dir", "epsilon", 49407),
             "sd2": ("tiny_sd2_checkpoint", "tiny_sd2_engine_dir", "v_prediction", 0)}
 
@@ -44,7 +45,7 @@ def runtime_and_pipeline(request, name):
     checkpoint, engine_dir, prediction, pad = FAMILIES[name]
     engine_dir = request.getfixturevalue(engine_dir)
     runtime = Runtime(engine_dir, backend="onnxruntime")
-    pipe = diffusers_pipeline(request.getfixturevalue(checkpoint), runtime.config, engine_dir / "tokenizer",
+    pipe = diffusers_pipeline(request.getfixturevalue(checkpoint), PUBLISHED_FAMILY[name], engine_dir / "tokenizer",
                               euler(prediction))
     return runtime, pipe, pad
 
@@ -190,13 +191,26 @@ def _format_1_copy(engine_dir, checkpoint, target):
                       output_names=["hidden_states"], dynamic_axes={"input_ids": {0: "batch"},
                                                                     "hidden_states": {0: "batch"}},
                       opset_version=17, dynamo=False)
+    import onnx
+
+    exported = onnx.load(str(target / "text_encoder.onnx"))  # the old export's clean-up fixed these output dims
+    for dim, value in zip(exported.graph.output[0].type.tensor_type.shape.dim[1:],
+                          (77, models.config.text_encoder.hidden_size)):
+        dim.dim_value = value
+    onnx.save(exported, str(target / "text_encoder.onnx"))
+    unet = onnx.load(str(target / "unet.onnx"), load_external_data=False)  # weights stay in unet.onnx.data
+    for tensor in unet.graph.input:
+        if tensor.name == "encoder_hidden_states":
+            tensor.type.tensor_type.shape.dim[1].dim_value = 77  # format 1: exactly one chunk
+    onnx.save(unet, str(target / "unet.onnx"))
     data = json.loads((target / "manifest.json").read_text())
     data["format_version"] = 1
     del data["prompt"], data["shape_range"]["max_prompt_tokens"]
     te = data["components"]["text_encoder"]
     te["io"]["inputs"] = [t for t in te["io"]["inputs"] if t["name"] == "input_ids"]
     te["profile"] = {"input_ids": te["profile"]["input_ids"]}
-    te["onnx"]["sha256"] = sha256_file(target / "text_encoder.onnx")  # what that export recorded for its file
+    for name in ("text_encoder", "unet"):  # what that export recorded for its files
+        data["components"][name]["onnx"]["sha256"] = sha256_file(target / f"{name}.onnx")
     for tensor in data["components"]["unet"]["io"]["inputs"]:
         if tensor["name"] == "encoder_hidden_states":
             tensor["shape"][1] = 77

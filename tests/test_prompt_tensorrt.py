@@ -11,6 +11,7 @@ from rtsd.config import ModelConfig
 from rtsd.engine import tensorrt as trt_backend
 from rtsd.engine.tensorrt import check_profile
 from rtsd.export.manifest import Manifest
+from rtsd.export.manifest import FORMAT_VERSION
 from rtsd.export.specs import ShapeRange, specs_for
 from rtsd.export.tensorrt import engine_profile
 from rtsd.runtime import Runtime
@@ -69,7 +70,7 @@ def test_manifest_records_the_prompt_contract(tmp_path):
     r = ShapeRange(min_size=64, max_size=128, opt_size=64, max_batch=2, max_prompt_tokens=150)
     manifest = write_sim_engine_dir(tmp_path, SD15, r, "Sim GPU", "9.0")
     data = Manifest.read(tmp_path).to_dict()
-    assert data["format_version"] == 2 and data["shape_range"]["max_prompt_tokens"] == 150
+    assert data["format_version"] == FORMAT_VERSION and data["shape_range"]["max_prompt_tokens"] == 150
     prompt = data["prompt"]
     assert (prompt["max_chunks"], prompt["chunk_length"], prompt["context_axis"]) == (2, 77, "context_length")
     rows = manifest.spec("text_encoder").inputs[1].shape[0]  # what the text encoder's io declares
