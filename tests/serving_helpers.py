@@ -1,4 +1,5 @@
-"""Helpers for the serving tests: free ports, base64 images, and checking that no Ray process is left behind."""
+"""Helpers for the serving tests: the shared runtime fixture and solo reference, free ports, base64 images, and
+checking that no Ray process is left behind."""
 
 from __future__ import annotations
 
@@ -8,6 +9,25 @@ import socket
 import time
 
 import numpy as np
+import pytest
+
+SIZE, STEPS = 128, 3  # what every serving test requests (the tiny engine dir covers 128..256)
+
+
+@pytest.fixture(scope="module")
+def runtime(tiny_engine_dir):
+    """One Runtime on the tiny engine dir per test module: the direct-generate reference of every serving test."""
+    from rtsd.runtime import Runtime
+
+    rt = Runtime(tiny_engine_dir)
+    yield rt
+    rt.close()
+
+
+def solo(runtime, prompt, seed, **kwargs) -> np.ndarray:
+    """The reference: the same request generated alone, directly, one image, with this image's seed."""
+    options = dict(steps=STEPS, height=SIZE, width=SIZE, guidance_scale=7.5, scheduler="dpmpp_2m") | kwargs
+    return np.asarray(runtime.generate(prompt, seed=seed, **options).images[0])
 
 
 def free_port() -> int:

@@ -10,18 +10,7 @@ import base64
 import numpy as np
 import pytest
 
-from serving_helpers import array_to_b64, b64_to_array
-
-SIZE, STEPS = 128, 3
-
-
-@pytest.fixture(scope="module")
-def runtime(tiny_engine_dir):
-    from rtsd.runtime import Runtime
-
-    rt = Runtime(tiny_engine_dir)
-    yield rt
-    rt.close()
+from serving_helpers import SIZE, STEPS, array_to_b64, b64_to_array, runtime  # noqa: F401 (fixture)
 
 
 def _latents(runtime, *args, **kwargs):

@@ -20,29 +20,17 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from serving_helpers import b64_to_array, free_port, kill_all, ray_processes, wait_gone
+from serving_helpers import (SIZE, STEPS, b64_to_array, free_port, kill_all, ray_processes,  # noqa: F401
+                             runtime, solo, wait_gone)
 
-pytest.importorskip("ray.serve", reason="rtsd serve needs the serve extra: pip install 'rtsd[serve]'")
-openai = pytest.importorskip("openai", reason="the OpenAI-client check needs the openai package (test-only)")
-webuiapi = pytest.importorskip("webuiapi", reason="the A1111-client check needs the webuiapi package (test-only)")
-psutil = pytest.importorskip("psutil")
+from tests.optional import require  # noqa: E402  (skips outside CI, fails in CI: the dev extra installs these)
 
-SIZE, STEPS = 128, 3
-
-
-@pytest.fixture(scope="module")
-def runtime(tiny_engine_dir):
-    from rtsd.runtime import Runtime
-
-    rt = Runtime(tiny_engine_dir)
-    yield rt
-    rt.close()
+require("ray.serve")
+openai = require("openai")
+webuiapi = require("webuiapi")
+psutil = require("psutil")
 
 
-def solo(runtime, prompt, seed, **kwargs) -> np.ndarray:
-    """The reference: the same request generated alone, directly, one image, with this image's seed."""
-    options = dict(steps=STEPS, height=SIZE, width=SIZE, guidance_scale=7.5, scheduler="dpmpp_2m") | kwargs
-    return np.asarray(runtime.generate(prompt, seed=seed, **options).images[0])
 
 
 def wait_healthy(url: str, server: subprocess.Popen, timeout: float = 180.0) -> None:

@@ -18,21 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-SIZE, STEPS = 128, 3
+from serving_helpers import SIZE, STEPS, runtime, solo  # noqa: F401 (runtime is a fixture)
 
 
-@pytest.fixture(scope="module")
-def runtime(tiny_engine_dir):
-    from rtsd.runtime import Runtime
-
-    rt = Runtime(tiny_engine_dir)
-    yield rt
-    rt.close()
-
-
-def solo(runtime, prompt, seed, **kwargs) -> np.ndarray:
-    options = dict(steps=STEPS, height=SIZE, width=SIZE, guidance_scale=7.5, scheduler="dpmpp_2m") | kwargs
-    return np.asarray(runtime.generate(prompt, seed=seed, **options).images[0])
 
 
 def test_repository_layout_and_config(tiny_engine_dir, tmp_path):
