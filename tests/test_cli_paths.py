@@ -70,10 +70,15 @@ def test_export_options_reach_the_engine_dir_and_force_replaces_it(tiny_checkpoi
 
 
 def test_fp32_vae_is_a_tensorrt_export_refused_in_one_line_without_tensorrt(tiny_checkpoint, tmp_path):
-    import importlib.util
+    from rtsd.errors import RtsdError
+    from rtsd.export.tensorrt import require_tensorrt
 
-    if importlib.util.find_spec("tensorrt") is not None:  # CI has no TensorRT, so this runs there
-        pytest.skip("TensorRT is installed: the refusal without it cannot be exercised here")
+    try:  # CI has no usable TensorRT (tensorrt-stubs alone is not TensorRT), so this runs there
+        require_tensorrt()
+    except RtsdError:
+        pass
+    else:
+        pytest.skip("TensorRT and a GPU are here: the refusal without them cannot be exercised")
     done = rtsd("export", "--checkpoint", tiny_checkpoint, "--output", tmp_path / "trt", "--backend", "tensorrt",
                 "--fp32-vae", "--min-size", "128", "--max-size", "128", expect=2)
     assert "tensorrt" in one_line_error(done).lower()

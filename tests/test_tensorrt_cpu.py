@@ -775,8 +775,9 @@ def test_sim_loads_all_engines_on_one_shared_activation_block(sim):
     engines = backend.load(sim.dir, sim.manifest, COMPONENTS)
     assert backend.host == HostInfo("10.8.0.43", "Sim GPU", "9.0") and backend.xp is sim.cp
     assert len(sim.cp.blocks) == 1 and backend.activation.size == 5000  # the largest engine's need, once
+    rows = sim.manifest.spec("text_encoder").inputs[1].shape[0]  # sized by the manifest's shape range at export
     engines["text_encoder"].infer({"input_ids": np.ones((2, 77), np.int64),
-                                   "extra_embeddings": np.zeros((600, 768), np.float32)})
+                                   "extra_embeddings": np.zeros((rows, 768), np.float32)})
     engines["unet"].infer(_unet_feeds(2, 64))
     engines["vae_decoder"].to_host(engines["vae_encoder"].infer({"images": np.ones((1, 3, 64, 64), np.float32)})[
         "latent"])
