@@ -518,3 +518,18 @@ LOOP_REQUESTS = (
     dict(prompt="a red fox in the snow", steps=8, height=64, width=64, seed=5, scheduler="ddim", strength=0.6,
          image=Image.fromarray(np.linspace(0, 255, 64 * 64 * 3).reshape(64, 64, 3).astype(np.uint8))),
 )
+
+
+def install_sim(monkeypatch, directory, config, shape_range):
+    """A simulated TensorRT + CuPy patched into rtsd's TensorRT backend, and ``directory`` made an engine directory
+    whose plans name what the simulator builds: (trt, cp, dir, manifest)."""
+    from rtsd.engine import tensorrt as trt_backend
+
+    cp = SimCupy()
+    trt = SimTensorRT(config, shape_range, cupy=cp)
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda purpose: trt)
+    monkeypatch.setattr(trt_backend, "cuda_device", lambda purpose, device=0: (cp, "Sim GPU", "9.0"))
+    manifest, plans = sim_manifest(config, shape_range, "Sim GPU", "9.0")
+    for file, text in plans.items():
+        (directory / file).write_text(text)
+    return types.SimpleNamespace(trt=trt, cp=cp, dir=directory, manifest=manifest)

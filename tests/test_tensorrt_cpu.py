@@ -26,7 +26,7 @@ from rtsd.export.specs import COMPONENTS, ShapeRange, specs_for
 from rtsd.export.tensorrt import LayerInfo, build_options, engine_profile, fp32_layer_names
 from rtsd.runtime import Runtime
 from tests.tensorrt_sim import (LOOP_REQUESTS, MODEL_LIKE, DevArray, FakeStream, HostStandIn, SimCupy, SimTensorRT,
-                                 generate_with_latents, sim_manifest, write_sim_engine_dir)
+                                 generate_with_latents, install_sim, write_sim_engine_dir)
 
 SD15 = ModelConfig("sd1")
 SPECS = specs_for(SD15)
@@ -753,14 +753,7 @@ SIM_RANGE = ShapeRange(min_size=64, max_size=128, opt_size=64, max_batch=2)
 @pytest.fixture
 def sim(monkeypatch, tmp_path):
     """A simulated TensorRT + CuPy and an engine directory whose plans name what the simulator builds."""
-    cp = SimCupy()
-    trt = SimTensorRT(SD15, SIM_RANGE, cupy=cp)
-    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda purpose: trt)
-    monkeypatch.setattr(trt_backend, "cuda_device", lambda purpose, device=0: (cp, "Sim GPU", "9.0"))
-    manifest, plans = sim_manifest(SD15, SIM_RANGE, "Sim GPU", "9.0")
-    for file, text in plans.items():
-        (tmp_path / file).write_text(text)
-    return types.SimpleNamespace(trt=trt, cp=cp, dir=tmp_path, manifest=manifest)
+    return install_sim(monkeypatch, tmp_path, SD15, SIM_RANGE)
 
 
 def _unet_feeds(rows, size, t=10.0, seed=0):

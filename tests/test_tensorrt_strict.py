@@ -18,8 +18,8 @@ from rtsd.engine import tensorrt as trt_backend
 from rtsd.engine.cuda import THREAD_LOCAL_CAPTURE, GraphCache
 from rtsd.errors import EngineDirError, MissingDependencyError
 from rtsd.export.specs import COMPONENTS, ShapeRange, specs_for
-from tests.tensorrt_sim import (FakeStream, SimCupy, SimEngine, SimTensorRT, SimTensorRTError, sim_manifest,
-                                cpu_launcher, BOOKKEEPING)
+from tests.tensorrt_sim import (FakeStream, SimCupy, SimEngine, SimTensorRTError,
+                                cpu_launcher, install_sim, BOOKKEEPING)
 
 SD15 = ModelConfig("sd1")
 SIM_RANGE = ShapeRange(min_size=64, max_size=128, opt_size=64, max_batch=2)
@@ -27,14 +27,7 @@ SIM_RANGE = ShapeRange(min_size=64, max_size=128, opt_size=64, max_batch=2)
 
 @pytest.fixture
 def sim(monkeypatch, tmp_path):
-    cp = SimCupy()
-    trt = SimTensorRT(SD15, SIM_RANGE, cupy=cp)
-    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda purpose: trt)
-    monkeypatch.setattr(trt_backend, "cuda_device", lambda purpose, device=0: (cp, "Sim GPU", "9.0"))
-    manifest, plans = sim_manifest(SD15, SIM_RANGE, "Sim GPU", "9.0")
-    for file, text in plans.items():
-        (tmp_path / file).write_text(text)
-    return types.SimpleNamespace(trt=trt, cp=cp, dir=tmp_path, manifest=manifest)
+    return install_sim(monkeypatch, tmp_path, SD15, SIM_RANGE)
 
 
 def _unet_feeds(rows=2, size=64, t=10.0, seed=0):
