@@ -48,8 +48,8 @@ def check_file_output(path: Path, option: str) -> None:
     """A file can be created at ``path``: it is not a directory, and no file sits where a parent folder must be."""
     if path.is_dir():
         raise ValueError(f"{option} {path} is a directory; give a file name inside it")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(f"{option} {path}: {parent} is a file, not a directory; choose another path")
-            break
+    from rtsd.export.output_dir import blocking_parent
+
+    blocking = blocking_parent(path)
+    if blocking is not None:
+        raise ValueError(f"{option} {path}: {blocking} is a file, not a directory; choose another path")

@@ -35,11 +35,9 @@ def check_output(output: Path, overwrite: bool) -> None:
                         f"directory name, e.g. --output engines")
     if output.exists() and not output.is_dir():
         raise RtsdError(f"output {output} exists and is not a directory; choose another --output")
-    for parent in output.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise RtsdError(f"output {output}: {parent} is a file, not a directory; choose another --output")
-            break
+    blocking = blocking_parent(output)
+    if blocking is not None:
+        raise RtsdError(f"output {output}: {blocking} is a file, not a directory; choose another --output")
     if not output.is_dir() or not any(output.iterdir()):
         return
     if not is_engine_dir(output):
@@ -117,3 +115,11 @@ def sigterm_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def blocking_parent(path: Path) -> Path | None:
+    """The nearest existing ancestor of ``path`` when it is a file (so nothing can be created below it), else None."""
+    for parent in path.parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
