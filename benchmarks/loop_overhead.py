@@ -6,7 +6,9 @@ The loop runs through the real TensorRT backend (CuPy buffers, the shared activa
 the UNet call, CFG + scheduler step on CuPy arrays, host noise copied in), with TensorRT's execution replaced by the
 near-free stand-in of tests/tensorrt_sim.py, so what is timed is everything rtsd does per step except the networks.
 Each figure is the median over runs of (denoise time / steps), measured by Runtime.generate's own timings after one
-warm-up generation; "graphs off" builds the backend with CUDA graphs disabled for comparison.
+warm-up generation; "graphs off" builds the backend with CUDA graphs disabled for comparison, and "plain step"
+runs the CFG combine and scheduler step as one CuPy kernel per array operation instead of the one fused kernel
+(rtsd/engine/fused_step.py) the runtime uses.
 
 The host never waits for the GPU inside the loop, so this cost should hide behind a UNet call that takes longer.
 The last column checks that: the stand-in UNet also keeps the GPU busy for ``--unet-ms`` (a spin kernel, its
@@ -25,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
-SCHEDULERS = ("dpmpp_2m", "euler_a", "ddim", "unipc")
+SCHEDULERS = ("ddim", "ddpm", "pndm", "lms", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc", "lcm")
 
 
 _SPIN = r"""
@@ -59,7 +61,9 @@ def gpu_busy_unet(cupy, milliseconds: float):
 
 
 def measure(size: int, steps: int, runs: int, unet_ms: float) -> tuple[list[dict], str, float]:
+    from rtsd import runtime as runtime_module
     from rtsd.config import ModelConfig
+    from rtsd.engine import fused_step
     from rtsd.engine import tensorrt as trt_backend
     from rtsd.engine.cuda import cuda_device
     from rtsd.export.specs import ShapeRange
@@ -69,10 +73,12 @@ def measure(size: int, steps: int, runs: int, unet_ms: float) -> tuple[list[dict
     cupy, gpu, capability = cuda_device("loop_overhead.py")
     config, shape_range = ModelConfig("sd1"), ShapeRange(min_size=size, max_size=size, opt_size=size, max_batch=1)
     busy_unet, busy_ms = gpu_busy_unet(cupy, unet_ms)
-    setups = {"graphs on": (("unet",), MODEL_LIKE), "graphs off": ((), MODEL_LIKE),
-              "busy UNet": (("unet",), {**MODEL_LIKE, "unet": busy_unet})}
+    setups = {"graphs on": (("unet",), MODEL_LIKE, True), "plain step": (("unet",), MODEL_LIKE, False),
+              "graphs off": ((), MODEL_LIKE, True), "busy UNet": (("unet",), {**MODEL_LIKE, "unet": busy_unet}, True)}
     rows = []
-    for setup, (graphs, compute) in setups.items():
+    for setup, (graphs, compute, fused) in setups.items():
+        # "plain step": the CFG combine and scheduler step as one CuPy kernel per array operation (before fusion).
+        runtime_module.device_step = lambda sampler, xp, fused=fused: fused_step.device_step(sampler, xp, fused)
         trt = SimTensorRT(config, shape_range, compute=compute, launch=cuda_launcher(cupy))
         trt_backend.import_tensorrt = lambda purpose: trt  # the stand-in replaces TensorRT in this process only
         with tempfile.TemporaryDirectory() as engine_dir:
@@ -98,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     rows, device, busy_ms = measure(args.size, args.steps, args.runs, args.unet_ms)
-    setups = ("graphs on", "graphs off", "busy UNet")
+    setups = ("graphs on", "plain step", "graphs off", "busy UNet")
     print(f"rtsd loop per step: {args.size}x{args.size}, 1 image + CFG, {args.steps} steps, median of {args.runs} "
           f"runs; {device}; the busy UNet keeps the GPU busy {busy_ms:.2f} ms per call")
     print(f"{'scheduler':<12}" + "".join(f"{s:>14}" for s in setups))

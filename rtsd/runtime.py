@@ -28,6 +28,7 @@ import numpy as np
 from rtsd import schedulers
 from rtsd.engine import get_backend
 from rtsd.engine.base import Backend
+from rtsd.engine.fused_step import device_step
 from rtsd.engine.verify import verify_engine_dir
 from rtsd.errors import NonFiniteOutputError, RtsdError
 from rtsd.export.manifest import Manifest
@@ -198,6 +199,7 @@ class Runtime:
         t0 = time.perf_counter()
         total = len(sampler.timesteps)
         unet, scheduler_time = self.engines["unet"], 0.0
+        step = device_step(sampler, xp)  # CFG combine + step: one fused kernel on CuPy
         for i in range(start_index, total):
             t = float(sampler.timesteps[i])
             model_in = sampler.scale_model_input(x, i)
@@ -209,11 +211,9 @@ class Runtime:
             out = unet.infer({"sample": model_in, "timestep": xp.full((rows,), t, dtype=xp.float32),
                               "encoder_hidden_states": context})["model_output"]
             s0 = time.perf_counter()
-            if use_cfg:
-                uncond, cond = out[:n], out[n:]
-                out = uncond + guidance_scale * (cond - uncond)
+            uncond, cond = (out[:n], out[n:]) if use_cfg else (out, None)
             step_noise = xp.asarray(rng.draw(latent_shape)) if sampler.stochastic else None
-            x = sampler.step(out, i, x, noise=step_noise)
+            x = step(uncond, cond, guidance_scale, i, x, step_noise)
             scheduler_time += time.perf_counter() - s0
             if callback is not None:
                 callback(i - start_index, total - start_index, t, x)

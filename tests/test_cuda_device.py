@@ -76,6 +76,37 @@ def test_cfg_and_scheduler_step_on_cupy_equal_numpy(cp, name):
     assert rel < 1e-6, f"{name}: relative error {rel:.2e}"
 
 
+def _fused_loop(name, xp, steps=10, guidance=7.5):
+    """The loop of ``_loop`` with the CFG combine + step as the runtime runs it on CuPy: one fused kernel."""
+    from rtsd import schedulers
+    from rtsd.engine.fused_step import FusedStep, plain_step
+
+    sched = schedulers.create(name, num_inference_steps=steps, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear")
+    step = FusedStep(sched, xp) if xp is not np else (lambda *a: plain_step(sched, *a))
+    rng = np.random.default_rng(3)
+    n, shape = 2, (2, 4, 32, 32)
+    x = xp.asarray(rng.standard_normal(shape, dtype=np.float32) * np.float32(sched.init_noise_sigma))
+    for i in range(len(sched.timesteps)):
+        model_in = sched.scale_model_input(x, i)
+        out = xp.asarray(rng.standard_normal((2 * n,) + shape[1:], dtype=np.float32))
+        out = xp.concatenate([out[:n] + 0.1 * model_in, out[n:] - 0.05 * model_in])
+        noise = xp.asarray(rng.standard_normal(shape, dtype=np.float32)) if sched.stochastic else None
+        x = step(out[:n], out[n:], guidance, i, x, noise)
+    return x, step
+
+
+@pytest.mark.parametrize("name", _names())
+def test_fused_step_on_cupy_equals_numpy(cp, name):
+    """The fused CFG + step kernel (rtsd/engine/fused_step.py) on the GPU: every step fused, same result as NumPy."""
+    device, step = _fused_loop(name, cp)
+    assert isinstance(device, cp.ndarray) and device.dtype == cp.float32
+    assert step.fused_steps == len(step.sampler.timesteps), f"{name}: a step fell back to the plain path"
+    host, _ = _fused_loop(name, np)
+    rel = np.linalg.norm(cp.asnumpy(device) - host) / np.linalg.norm(host)
+    assert rel < 1e-6, f"{name}: relative error {rel:.2e}"
+
+
 def test_buffers_are_reused_across_calls(cp):
     buffers = GrowOnlyBuffers(cp)
     pointers = set()
