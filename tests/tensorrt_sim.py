@@ -520,6 +520,19 @@ LOOP_REQUESTS = (
 )
 
 
+def assert_device_equals_host(device, host, request: dict) -> np.ndarray:
+    """Generate ``request`` through the simulated device backend and through the host stand-in: the device loop
+    returns the device array type and exactly the host loop's latents and images. Returns the host latents."""
+    latents, images, kind = generate_with_latents(device, np.asarray, **request)
+    expected, expected_images, _ = generate_with_latents(host, np.asarray, **request)
+    assert kind is DevArray, f"the loop returned {kind.__name__}, not the device array type"
+    assert np.abs(expected).max() > 0.1
+    np.testing.assert_array_equal(latents, expected)
+    for got, want in zip(images, expected_images):
+        np.testing.assert_array_equal(got, want)
+    return expected
+
+
 def install_sim(monkeypatch, directory, config, shape_range):
     """A simulated TensorRT + CuPy patched into rtsd's TensorRT backend, and ``directory`` made an engine directory
     whose plans name what the simulator builds: (trt, cp, dir, manifest)."""

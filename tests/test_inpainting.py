@@ -224,16 +224,11 @@ def _sim_inpainting(monkeypatch, tmp_path, cupy, launch, gpu: str, capability: s
 def test_inpainting_loop_stays_on_the_device_through_the_tensorrt_backend(monkeypatch, tmp_path, strength):
     """Through TensorRTBackend (simulated TensorRT + CuPy on host memory, tests/tensorrt_sim.py) the latents are
     device arrays every step and the result equals the same stand-in functions run in a plain NumPy loop."""
-    from tests.tensorrt_sim import DevArray, SimCupy, cpu_launcher, generate_with_latents
+    from tests.tensorrt_sim import SimCupy, assert_device_equals_host, cpu_launcher, generate_with_latents
 
     device, host, request = _sim_inpainting(monkeypatch, tmp_path, SimCupy(), cpu_launcher(), "Sim GPU", "9.0")
     request["strength"] = strength
-    latents, images, kind = generate_with_latents(device, np.asarray, **request)
-    expected, expected_images, _ = generate_with_latents(host, np.asarray, **request)
-    assert kind is DevArray
-    np.testing.assert_array_equal(latents, expected)
-    for got, want in zip(images, expected_images):
-        np.testing.assert_array_equal(got, want)
+    expected = assert_device_equals_host(device, host, request)
     inverted = {**request, "mask_image": Image.fromarray(255 - np.asarray(request["mask_image"]))}
     assert np.abs(generate_with_latents(host, np.asarray, **inverted)[0] - expected).max() > 0.1
 

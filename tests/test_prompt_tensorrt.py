@@ -4,7 +4,6 @@ validation and the manifest; and the TensorRT backend loop (tests/tensorrt_sim.p
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from rtsd.config import ModelConfig
@@ -15,7 +14,7 @@ from rtsd.export.manifest import FORMAT_VERSION
 from rtsd.export.specs import ShapeRange, specs_for
 from rtsd.export.tensorrt import engine_profile
 from rtsd.runtime import Runtime
-from tests.tensorrt_sim import (MODEL_LIKE, DevArray, HostStandIn, SimCupy, SimTensorRT, generate_with_latents,
+from tests.tensorrt_sim import (MODEL_LIKE, HostStandIn, SimCupy, SimTensorRT, assert_device_equals_host,
                                 write_sim_engine_dir)
 
 SD15 = ModelConfig("sd1")
@@ -96,12 +95,7 @@ def test_sim_backend_loop_runs_a_two_chunk_prompt(monkeypatch, tmp_path, prompt,
     host = Runtime(tmp_path, backend=HostStandIn(SD15))
     request = dict(prompt=prompt, negative_prompt="blurry", steps=4, height=64, width=64, seed=2, scheduler="euler")
     assert device.text.prepare([prompt]).chunks == chunks
-    latents, images, kind = generate_with_latents(device, np.asarray, **request)
-    expected, expected_images, _ = generate_with_latents(host, np.asarray, **request)
-    assert kind is DevArray
-    np.testing.assert_array_equal(latents, expected)
-    for got, want in zip(images, expected_images):
-        np.testing.assert_array_equal(got, want)
+    assert_device_equals_host(device, host, request)
     unet = next(e for e in trt.deserialized if e.name == "unet")
     text = next(e for e in trt.deserialized if e.name == "text_encoder")
     assert {c.shapes["encoder_hidden_states"] for c in unet.contexts} == {(2, 77 * chunks, 768)}
