@@ -50,6 +50,13 @@ def detect_config(shapes: Mapping[str, Shape]) -> ModelConfig:
     return ModelConfig(family=family, unet=unet, vae=vae, text_encoder=text_encoder)
 
 
+def component_prefixes(config: ModelConfig) -> dict[str, str]:
+    """Where each network lives in this family's single files (SDXL's text encoders: ``conditioner.``)."""
+    if config.unet.adm_in_channels:
+        return {**COMPONENT_PREFIXES, "text_encoder": "conditioner."}
+    return COMPONENT_PREFIXES
+
+
 def _strip(shapes: Mapping[str, Shape], prefix: str) -> dict[str, Shape]:
     return {k[len(prefix) :]: tuple(v) for k, v in shapes.items() if k.startswith(prefix)}
 

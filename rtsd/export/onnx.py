@@ -103,10 +103,8 @@ def export_component(models, component: str, path: str | Path, shape_range: Shap
 def _lora_parameters(models, component: str) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Graph parameter name -> (checkpoint key, shape) for every weight a LoRA can address in ``component``."""
     from rtsd.adapters.lora_keys import lora_table
-    from rtsd.models.loading import COMPONENT_PREFIXES
-
     shapes = models.ldm_shapes()
-    prefix = COMPONENT_PREFIXES[component] if component in COMPONENT_PREFIXES else None
+    prefix = models.prefixes.get(component)
     keys = {t.key for t in lora_table(shapes, models.config.unet.num_res_blocks).values()}
     return {f"{component}.{key[len(prefix):]}": (key, shapes[key]) for key in sorted(keys)
             if prefix and key.startswith(prefix)}

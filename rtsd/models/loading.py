@@ -12,7 +12,7 @@ from torch import nn
 
 from rtsd.config import ModelConfig
 from rtsd.errors import CheckpointError
-from rtsd.models.sdxl_text import PREFIX as SDXL_TEXT_PREFIX
+from rtsd.detection import component_prefixes
 from rtsd.models.sdxl_text import SDXLTextEncoder
 from rtsd.models.text_encoder import UNUSED_TEXT_KEYS, LayerStackEncoder, build_text_encoder
 from rtsd.models.unet import UNetModel
@@ -178,13 +178,6 @@ def load_checkpoint(
     check_state_shapes(models, checkpoint.shapes, source)  # before reading a single tensor
     load_state(models, checkpoint.tensors(dtype=dtype), source)
     return models.to(device=device)
-
-
-def component_prefixes(config: ModelConfig) -> dict[str, str]:
-    """Where each network lives in this family's single files (SDXL's text encoders: ``conditioner.``)."""
-    if config.unet.adm_in_channels:
-        return {**COMPONENT_PREFIXES, "text_encoder": SDXL_TEXT_PREFIX}
-    return COMPONENT_PREFIXES
 
 
 def _text_encoder(config: ModelConfig) -> LayerStackEncoder | SDXLTextEncoder:
