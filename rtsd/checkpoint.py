@@ -284,13 +284,14 @@ def _open_diffusers(path: Path) -> Checkpoint:
             ".ckpt file, or a folder with model_index.json, unet/, vae/ and text_encoder/"
         )
     index = _read_json(index_file)
-    sdxl = "text_encoder_2" in index or (path / "text_encoder_2").is_dir()
+    sdxl = "XL" in str(index.get("_class_name", "")) or "text_encoder_2" in index or (path / "text_encoder_2").is_dir()
     components = _SDXL_COMPONENTS if sdxl else _DIFFUSERS_COMPONENTS
     if sdxl and not (path / "text_encoder").is_dir() and not any(index.get("text_encoder") or ()):
         components = tuple(c for c in components if c != "text_encoder")  # the refiner: bigG alone
     missing = [name for name in components if not (path / name).is_dir()]
     if missing:
-        raise CheckpointError(f"{path}: diffusers folder lacks {', '.join(m + '/' for m in missing)}")
+        error = UnsupportedModelError if sdxl else CheckpointError  # an XL pipeline without its parts: not SDXL
+        raise error(f"{path}: {'SDXL ' if sdxl else ''}diffusers folder lacks {', '.join(m + '/' for m in missing)}")
 
     sources: dict[str, _Source] = {}
     dtypes: dict[str, str] = {}

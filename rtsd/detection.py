@@ -40,7 +40,10 @@ _UNET_TOP_LEVEL = {"time_embed", "input_blocks", "middle_block", "output_blocks"
 def detect_config(shapes: Mapping[str, Shape]) -> ModelConfig:
     """The ModelConfig of an SD 1.x / 2.x / SDXL checkpoint from its LDM key -> shape table."""
     if any(k.startswith(SDXL_TEXT_PREFIX) for k in shapes):
-        return _detect_sdxl(shapes)
+        try:
+            return _detect_sdxl(shapes)
+        except UnsupportedModelError as exc:
+            raise UnsupportedModelError(f"SDXL checkpoint (conditioner.embedders.* keys): {exc}") from None
     _reject_other_families(shapes)
     text_encoder = _detect_text_encoder(shapes)
     family = "sd2" if text_encoder.kind == "open_clip" else "sd1"
