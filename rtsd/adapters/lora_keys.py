@@ -22,7 +22,8 @@ Shape = tuple[int, ...]
 _RESNET_FROM_LDM = {"in_layers.2": "conv1", "emb_layers.1": "time_emb_proj", "out_layers.3": "conv2",
                     "skip_connection": "conv_shortcut", "in_layers.0": "norm1", "out_layers.0": "norm2"}
 _UNET_DIRECT = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
-                "input_blocks.0.0": "conv_in", "out.2": "conv_out", "out.0": "conv_norm_out"}
+                "input_blocks.0.0": "conv_in", "out.2": "conv_out", "out.0": "conv_norm_out",
+                "label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2"}  # SDXL
 _OPEN_CLIP_LAYER = {"attn.out_proj": "self_attn.out_proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
 _QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 

@@ -27,16 +27,16 @@ def _wrappers():
             super().__init__()
             self.text_encoder = models.text_encoder
 
-        def forward(self, input_ids, extra_embeddings):
-            return self.text_encoder(input_ids, extra_embeddings)
+        def forward(self, input_ids, *extra_embeddings):  # SDXL: no extra_embeddings; (context, pooled) out
+            return self.text_encoder(input_ids, *extra_embeddings)
 
     class UNet(torch.nn.Module):
         def __init__(self, models):
             super().__init__()
             self.unet = models.unet
 
-        def forward(self, sample, timestep, encoder_hidden_states):
-            return self.unet(sample, timestep, encoder_hidden_states)
+        def forward(self, sample, timestep, encoder_hidden_states, *added_conditions):  # SDXL: text_embeds, time_ids
+            return self.unet(sample, timestep, encoder_hidden_states, *added_conditions)
 
     class VAEDecoder(torch.nn.Module):
         """Latents in UNet space -> images in [0, 1] (the runtime only converts to uint8)."""
