@@ -179,3 +179,26 @@ def test_default_size_is_1024_and_bad_handoff_requests_fail_early(base):
         base.generate(PROMPT, steps=2, height=64, width=64, denoising_end=1.5)
     with pytest.raises(ValueError, match="size_conditions takes"):
         base.generate(PROMPT, steps=2, height=64, width=64, size_conditions={"orig_size": (1, 2)})
+
+
+@pytest.mark.slow  # its own export of the 9-channel UNet: ~40 s on 2 cores. python -m pytest -m slow tests/test_sdxl_runtime.py
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+def test_sdxl_inpainting_matches_diffusers(tmp_path, monkeypatch, strength):
+    import diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_inpaint as inpaint
+
+    path = write_checkpoint(tmp_path / "inpaint.safetensors", "tiny-sdxl-inpaint")
+    engine_dir = export(path, tmp_path / "engines", shape_range=RANGE, progress=None, check=False)
+    runtime = Runtime(engine_dir, backend="onnxruntime")
+    init = Image.fromarray(np.random.default_rng(5).integers(0, 256, (64, 96, 3), dtype=np.uint8))
+    mask = np.zeros((64, 96), np.uint8)
+    mask[16:48, 20:80] = 255
+    ours = runtime.generate(PROMPT, NEGATIVE, steps=8, guidance_scale=5.0, height=64, width=96, scheduler="euler",
+                            latents=LATENTS, image=init, mask_image=Image.fromarray(mask), strength=strength)
+    give_pipeline_our_noise(monkeypatch, inpaint, LATENTS)
+    pipe = sdxl_pipeline(path, "sdxl", engine_dir / "tokenizer", diffusers_scheduler("euler", "sdxl"), mode="inpaint")
+    with torch.inference_mode():
+        theirs = pipe(PROMPT, negative_prompt=NEGATIVE, image=init, mask_image=Image.fromarray(mask), height=64,
+                      width=96, strength=strength, num_inference_steps=8, guidance_scale=5.0,
+                      output_type="np").images[0]
+    value = image_psnr(ours.images[0], theirs)
+    assert value > FP32_END_TO_END_DB, f"SDXL inpainting strength {strength}: PSNR {value:.1f} dB"
