@@ -231,3 +231,16 @@ def test_half_precision_folder_variant(base_folder, tmp_path):
     assert info["family"] == "sdxl" and info["dtypes"] == ["float16"]
     assert info["components"]["unet"]["parameters"] == sum(
         math.prod(s) for k, s in checkpoint_shapes("tiny-sdxl").items() if k.startswith("model.diffusion_model."))
+
+
+def test_rtsd_info_shows_family_and_parameter_counts(sdxl_files, capsys):
+    from rtsd.cli import main
+
+    assert main(["info", str(sdxl_files["tiny-sdxl-refiner"]), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["family"] == "sdxl_refiner"
+    shapes = checkpoint_shapes("tiny-sdxl-refiner")
+    for name, prefix in (("unet", "model.diffusion_model."), ("text_encoder", "conditioner."),
+                         ("vae", "first_stage_model.")):
+        assert info["components"][name]["parameters"] == sum(
+            math.prod(s) for k, s in shapes.items() if k.startswith(prefix))
