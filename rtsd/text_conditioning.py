@@ -46,9 +46,12 @@ class TextConditioning:
         extra = next((t for t in text_spec.inputs if t.name == "extra_embeddings"), None)
         self.extra_rows = int(extra.shape[0]) if extra is not None else 0
         te = config.text_encoder
-        self.vocab_size, self.width = te.vocab_size, te.hidden_size
+        # SDXL: one extra row holds every encoder's vector side by side (clip_l | clip_g), as the context does.
+        self.vocab_size, self.width = te.vocab_size, config.context_dim
+        parts = tuple("clip_l" if e.kind == "clip" else "clip_g" for e in config.text_encoders) \
+            if config.pooled_dim else ()
         self.embeddings = EmbeddingStore(self.width, FAMILY_NAMES.get(config.family, config.family),
-                                         tokenizer.encode_pieces)
+                                         tokenizer.encode_pieces, parts)
         self._comma = tokenizer.token_to_id(",</w>")
         self._zeros = np.zeros((self.extra_rows, self.width), np.float32)
 

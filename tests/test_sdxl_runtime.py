@@ -229,3 +229,32 @@ def test_sdxl_inpainting_matches_diffusers(tmp_path, monkeypatch, strength):
                       output_type="np").images[0]
     value = image_psnr(ours.images[0], theirs)
     assert value > FP32_END_TO_END_DB, f"SDXL inpainting strength {strength}: PSNR {value:.1f} dB"
+
+
+def test_sdxl_textual_inversion_matches_diffusers(base_dir, files, tmp_path):
+    """An SDXL embedding file (clip_l + clip_g vectors, 2 each) against diffusers' load_textual_inversion into both
+    text encoders; the pooled vector comes from the embedding's last token there too (argmax of the ids)."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(7)
+    vectors = {"clip_l": (rng.standard_normal((2, 64)) * 2).astype(np.float32),
+               "clip_g": (rng.standard_normal((2, 128)) * 2).astype(np.float32)}
+    save_file(vectors, str(tmp_path / "mystyle.safetensors"))
+    runtime = Runtime(base_dir, backend="onnxruntime")
+    assert runtime.load_textual_inversion(tmp_path / "mystyle.safetensors") == "mystyle"
+    prompt = "a photo of mystyle riding a horse"
+    kwargs = dict(steps=4, guidance_scale=6.0, height=64, width=96, scheduler="euler", latents=LATENTS)
+    ours = runtime.generate(prompt, NEGATIVE, **kwargs)
+    assert [e["vectors"] for e in ours.parameters["embeddings"]] == [2]
+    pipe = _pipe(files, base_dir, "sdxl", "euler")
+    pipe.load_textual_inversion(torch.from_numpy(vectors["clip_l"]), token="mystyle", text_encoder=pipe.text_encoder,
+                                tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(torch.from_numpy(vectors["clip_g"]), token="mystyle",
+                                text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+    with torch.inference_mode():
+        theirs = pipe(prompt, negative_prompt=NEGATIVE, num_inference_steps=4, guidance_scale=6.0, height=64,
+                      width=96, latents=torch.from_numpy(LATENTS), output_type="np").images[0]
+    value = image_psnr(ours.images[0], theirs)
+    assert value > FP32_END_TO_END_DB, f"SDXL textual inversion PSNR {value:.1f} dB"
+    plain = Runtime(base_dir, backend="onnxruntime").generate(prompt, NEGATIVE, **kwargs).images[0]
+    assert psnr(np.asarray(ours.images[0]), np.asarray(plain), peak=255.0) < FP32_END_TO_END_DB - 20

@@ -34,7 +34,8 @@ Format 4 (SDXL): ``model`` gains ``text_encoder_2`` (OpenCLIP bigG beside ViT-L,
 (generate's default height/width), ``zeros_for_empty_prompt`` (diffusers' force_zeros_for_empty_prompt) and, in
 ``unet``, ``transformer_depth_levels``, ``adm_in_channels``, ``time_id_embed_dim``; ``text_encoder`` gains
 ``final_norm`` and ``projection_dim``. For SDXL families the text encoder has a second output ``text_embeds``
-(rows, pooled width) and no ``extra_embeddings`` input; the UNet takes ``text_embeds`` and ``time_ids`` (rows,
+(rows, pooled width), and its ``extra_embeddings`` rows are as wide as the context (clip_l | clip_g columns, one
+per encoder); the UNet takes ``text_embeds`` and ``time_ids`` (rows,
 6 for the base: original size, crop top-left, target size as (h, w) pairs; 5 for the refiner: original size, crop,
 aesthetic score). ``components[vae_*]["onnx"]["precision_note"]`` says why a VAE stayed fp32 in an fp16 export.
 Older directories load unchanged: the new config fields default to SD 1.x/2.x behaviour.

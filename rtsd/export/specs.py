@@ -252,11 +252,11 @@ def specs_for(config: ModelConfig, shape_range: ShapeRange | None = None) -> dic
     latent = ("batch", vae.embed_dim, "latent_height", "latent_width")
     image = ("batch", 3, "height", "width")
     extra = extra_rows(shape_range or ShapeRange())
-    # SDXL: the pooled text embedding (text encoder output, UNet input) and the time ids (UNet input); SDXL's two
-    # encoders of different widths take no extra_embeddings (textual inversion is SD 1.x/2.x only for now).
+    # SDXL: the pooled text embedding (text encoder output, UNet input) and the time ids (UNet input). Its
+    # extra_embeddings rows are as wide as the context: each encoder takes its own columns (clip_l | clip_g).
     pooled = (TensorSpec("text_embeds", "float32", ("batch", config.pooled_dim)),) if config.pooled_dim else ()
     added = pooled + ((TensorSpec("time_ids", "float32", ("batch", config.num_time_ids)),) if pooled else ())
-    extra_input = () if pooled else (TensorSpec("extra_embeddings", "float32", (extra, width)),)
+    extra_input = (TensorSpec("extra_embeddings", "float32", (extra, width)),)
     return {
         "text_encoder": IOSpec(
             "text_encoder",

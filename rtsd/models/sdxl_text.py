@@ -4,7 +4,8 @@ The base has two embedders, OpenAI CLIP ViT-L/14 (``embedders.0.transformer.text
 (``embedders.1.model.*``, with ``text_projection``); the refiner only the second (as ``embedders.0``). Each gives
 its penultimate hidden state without the final LayerNorm; the context is their concatenation along the channels
 (768 + 1280 = 2048 for the base), and the pooled vector the UNet's added conditions take is bigG's final-norm
-first-EOS token through ``text_projection``.
+EOS token through ``text_projection`` (the row of each sequence's highest id, sgm's ``text.argmax(-1)``: the
+first EOS, or a textual-inversion token's, whose ids lie past the vocabulary, as in sgm and diffusers).
 
 The tokenizers of the two encoders differ only in padding: ViT-L pads with ``<|endoftext|>``, bigG with ``!``
 (id 0). The module takes the first encoder's ids and re-pads them for the others in the graph, so the runtime and the
@@ -45,16 +46,19 @@ class SDXLTextEncoder(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, extra_embeddings: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = []
+        hidden, start = [], 0
         for config, encoder in zip(self.configs, self.embedders):
             ids = input_ids
             if config.pad_token_id != self.config.pad_token_id:
                 ids = repad(input_ids, config.eos_token_id, config.pad_token_id)
+            # textual-inversion rows: this encoder's columns (clip_l | clip_g)
+            extra = None if extra_embeddings is None else extra_embeddings[:, start: start + config.hidden_size]
+            start += config.hidden_size
             if encoder is self.embedders[-1]:
                 assert isinstance(encoder, OpenCLIPTextEncoder)
-                states, pooled = encoder.hidden_and_pooled(ids)
+                states, pooled = encoder.hidden_and_pooled(ids, extra)
             else:
-                states = encoder(ids)
+                states = encoder(ids, extra)
             hidden.append(states)
         return torch.cat(hidden, dim=-1), pooled
 

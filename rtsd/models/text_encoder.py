@@ -294,8 +294,8 @@ class OpenCLIPTextEncoder(LayerStackEncoder):
     def hidden_and_pooled(
         self, input_ids: torch.Tensor, extra_embeddings: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """SDXL: the output layer's hidden states and the pooled vector (every layer, ln_final, the first EOS
-        token's row, times text_projection), in one pass over the layers."""
+        """SDXL: the output layer's hidden states and the pooled vector (every layer, ln_final, the row of the highest
+        id, times text_projection), in one pass over the layers."""
         tokens = embed_tokens(self.model.token_embedding, input_ids, extra_embeddings)
         x = tokens + self.model.positional_embedding[: input_ids.shape[1]]
         hidden = x
@@ -304,7 +304,9 @@ class OpenCLIPTextEncoder(LayerStackEncoder):
             if index == self.num_layers_run - 1:
                 hidden = x
         hidden = self.model.ln_final(hidden) if self.config.final_norm else hidden
-        eos = (input_ids == self.config.eos_token_id).to(torch.int32).argmax(dim=-1)  # the first EOS of each row
+        # sgm's text.argmax(-1) (transformers' legacy eos_token_id 2 rule): the first EOS, the highest vocabulary id,
+        # unless a textual-inversion id (past the vocabulary) is higher, as in sgm and diffusers.
+        eos = input_ids.to(torch.int32).argmax(dim=-1)
         last = self.model.ln_final(x)[torch.arange(x.shape[0], device=x.device), eos]
         return hidden, last @ self.model.text_projection
 
