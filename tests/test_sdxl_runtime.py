@@ -258,3 +258,19 @@ def test_sdxl_textual_inversion_matches_diffusers(base_dir, files, tmp_path):
     assert value > FP32_END_TO_END_DB, f"SDXL textual inversion PSNR {value:.1f} dB"
     plain = Runtime(base_dir, backend="onnxruntime").generate(prompt, NEGATIVE, **kwargs).images[0]
     assert psnr(np.asarray(ours.images[0]), np.asarray(plain), peak=255.0) < FP32_END_TO_END_DB - 20
+
+
+def test_loras_are_refused_for_sdxl_in_one_line(base, files, tmp_path):
+    from safetensors.torch import save_file
+
+    from rtsd.errors import EngineDirError
+
+    path = tmp_path / "sdxl_lora.safetensors"
+    save_file({"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(4, 64),
+               "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(64, 4)}, str(path))
+    with pytest.raises(EngineDirError, match="LoRAs are not supported for SDXL") as err:
+        base.generate(PROMPT, steps=2, height=64, width=64, loras={path: 1.0})
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="--lora is not supported for SDXL"):
+        export(files["tiny-sdxl"], tmp_path / "baked", shape_range=RANGE, progress=None, loras=[(path, 1.0)])
+    assert not (tmp_path / "baked").exists()
