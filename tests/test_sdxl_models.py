@@ -217,6 +217,27 @@ def test_folder_loads_as_the_single_file(base_folder, sdxl_files):
     assert rel_l2(folder.unet(*args), single.unet(*args)) < SAME
 
 
+def test_refiner_folder_loads_as_the_single_file(sdxl_files, tmp_path):
+    """stabilityai/stable-diffusion-xl-refiner-1.0's layout: no text_encoder/ (model_index says null), bigG in
+    text_encoder_2/, which single files store as embedder 0."""
+    oracles = load_sdxl_oracles(sdxl_files["tiny-sdxl-refiner"], "sdxl_refiner")
+    for name in ("unet", "vae", "text_encoder_2"):
+        getattr(oracles, name).save_pretrained(tmp_path / name)
+    (tmp_path / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionXLImg2ImgPipeline", "requires_aesthetics_score": True,
+        "text_encoder": [None, None], "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}))
+    single = rtsd.models.load_checkpoint(sdxl_files["tiny-sdxl-refiner"])
+    folder = rtsd.models.load_checkpoint(tmp_path)
+    assert folder.config == single.config == PRESETS["tiny-sdxl-refiner"]
+    ids = _pad_with(_ids(single.config), 0)
+    for a, b in zip(folder.text_encoder(ids), single.text_encoder(ids)):
+        assert rel_l2(a, b) < SAME
+    x = _unet_inputs(single)
+    args = (x["sample"], x["timestep"], x["context"], x["text_embeds"], x["time_ids"])
+    assert rel_l2(folder.unet(*args), single.unet(*args)) < SAME
+
+
 def test_half_precision_folder_variant(base_folder, tmp_path):
     """An fp16 folder (unet/diffusion_pytorch_model.fp16.safetensors, as the published repo's variant)."""
     import shutil

@@ -71,11 +71,13 @@ def test_manifest_records_sdxl_contract(base_dir):
     assert unet["inputs"][-1]["shape"] == ["batch", 6]
 
 
-def test_onnx_engines_match_the_reference(base, files):
+@pytest.mark.parametrize("which", ["tiny-sdxl", "tiny-sdxl-refiner"])
+def test_onnx_engines_match_the_reference(which, base_dir, refiner_dir, files):
     """fp32 ONNX vs the PyTorch reference, every output of every engine (DESIGN.md: rel L2 < 1e-4)."""
-    models = load_checkpoint(files["tiny-sdxl"])
+    runtime = Runtime(base_dir if which == "tiny-sdxl" else refiner_dir, backend="onnxruntime")
+    models = load_checkpoint(files[which])
     reference = Runtime.from_reference(models, shape_range=RANGE)
-    for name, engine in base.engines.items():
+    for name, engine in runtime.engines.items():
         feeds = engine.spec.sample_inputs(rows=2, height=64, width=96, seed=7, chunks=2 if name == "unet" else 1)
         ours, theirs = engine.infer(feeds), reference.engines[name].infer(feeds)
         for output in engine.spec.outputs:
