@@ -92,6 +92,7 @@ def test_fp16_export_keeps_the_vae_fp32_and_says_so(files, tmp_path):
     assert record["precision"] == "fp32" and "overflows in fp16" in record["precision_note"]
 
 
+@pytest.mark.slow  # ~10 s; python -m pytest -m slow tests/test_sdxl_runtime.py
 def test_fp16_traced_unet_keeps_float32_io_and_meets_fp16_parity(files, tmp_path):
     """The low-memory path benchmarks/sdxl_fp16_export.py measures on the full-size UNet: the reference loaded in fp16
     and traced as is (casts inside the graph), against the fp32 reference (DESIGN.md: cosine > 0.999)."""
