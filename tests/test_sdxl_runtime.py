@@ -120,6 +120,17 @@ def test_fp16_traced_unet_keeps_float32_io_and_meets_fp16_parity(files, tmp_path
     assert sum(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer) > 100
 
 
+def test_tensorrt_builds_keep_the_sdxl_vae_fp32():
+    from rtsd.export.pipeline import tensorrt_build_options
+    from rtsd.models.synthetic import PRESETS
+
+    both = ("vae_decoder", "vae_encoder")
+    assert tensorrt_build_options(PRESETS["tiny-sdxl"], None)["fp32_components"] == both
+    assert tensorrt_build_options(PRESETS["tiny-sdxl-refiner"], {"fp32_components": ("unet",)})["fp32_components"] \
+        == ("unet", *both)
+    assert tensorrt_build_options(PRESETS["tiny"], {"fp32_components": ()}) == {"fp32_components": ()}
+
+
 # ----------------------------------------------------------------------------------------- end to end vs diffusers
 
 

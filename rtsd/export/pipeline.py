@@ -116,12 +116,8 @@ def _export(checkpoint, output: Path, shape_range: ShapeRange, precision: str, b
         if backend == "tensorrt":
             from rtsd.export.tensorrt import build_engines
 
-            options = dict(tensorrt_options or {})
-            if config.family.startswith("sdxl"):  # SDXL's VAE overflows in fp16 (see _component_precision)
-                options["fp32_components"] = tuple(sorted({*options.get("fp32_components", ()),
-                                                           "vae_decoder", "vae_encoder"}))
             with stage("building TensorRT engines (fp16)"):
-                build_engines(work, manifest, progress=say, **options)
+                build_engines(work, manifest, progress=say, **tensorrt_build_options(config, tensorrt_options))
         if check:
             with stage(f"checking every engine against the PyTorch reference ({shape_range.min_size} px)"):
                 _check_parity(work, models, backend, shape_range)
@@ -156,6 +152,15 @@ def _check_parity(work: Path, models, backend: str, shape_range: ShapeRange) -> 
 
 SDXL_VAE_NOTE = ("fp32: the SDXL VAE overflows in fp16 (NaN/black images); the fp16-fix VAE has the same tensor "
                  "shapes, so rtsd cannot tell it apart and keeps every SDXL VAE in fp32")
+
+
+def tensorrt_build_options(config, options: dict | None) -> dict:
+    """build_engines options: SDXL's VAE engines are always built in fp32 (it overflows in fp16)."""
+    options = dict(options or {})
+    if config.family.startswith("sdxl"):
+        options["fp32_components"] = tuple(sorted({*(options.get("fp32_components") or ()),
+                                                   "vae_decoder", "vae_encoder"}))
+    return options
 
 
 def _component_precision(config, name: str, precision: str) -> tuple[str, str]:
