@@ -151,6 +151,7 @@ def test_unet_with_added_conditions(models, oracles):
     ours = models.unet(x["sample"], x["timestep"], x["context"], x["text_embeds"], x["time_ids"])
     theirs = oracles.unet(x["sample"], x["timestep"], x["context"],
                           added_cond_kwargs={"text_embeds": x["text_embeds"], "time_ids": x["time_ids"]}).sample
+    print(f"UNet rel L2 {rel_l2(ours, theirs):.2e}")  # shown by pytest -rP
     assert rel_l2(ours, theirs) < TOLERANCE
     # The added conditions move the output far more than the tolerance (they are not silently ignored).
     other = x["time_ids"].clone()
@@ -168,6 +169,8 @@ def test_text_encoders_context_and_pooled(models, oracles):
     hidden = [big_g.hidden_states[-2]]
     if oracles.text_encoder is not None:  # the base: ViT-L first, padded with <|endoftext|>
         hidden.insert(0, oracles.text_encoder(ids, output_hidden_states=True).hidden_states[-2])
+    print(f"context rel L2 {rel_l2(context, torch.cat(hidden, dim=-1)):.2e}, "
+          f"pooled {rel_l2(pooled, big_g.text_embeds):.2e}")
     assert rel_l2(context, torch.cat(hidden, dim=-1)) < TOLERANCE
     assert rel_l2(pooled, big_g.text_embeds) < TOLERANCE
     # bigG's padding matters: with ViT-L's padding its hidden states differ (the in-graph re-pad is not a no-op)
@@ -179,6 +182,7 @@ def test_vae_decode_and_encode(models, oracles):
     g = torch.Generator().manual_seed(2)
     latents = torch.randn(2, 4, 8, 12, generator=g)
     scale = 0.13025  # the published SDXL vae/config.json scaling_factor, as the pipeline applies it
+    print(f"VAE decode rel L2 {rel_l2(models.vae.decode(latents), oracles.vae.decode(latents / scale).sample):.2e}")
     assert rel_l2(models.vae.decode(latents), oracles.vae.decode(latents / scale).sample) < TOLERANCE
     images = torch.rand(2, 3, 64, 96, generator=g) * 2 - 1
     theirs = oracles.vae.encode(images).latent_dist.mean * scale

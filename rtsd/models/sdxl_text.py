@@ -22,8 +22,7 @@ from torch import nn
 from rtsd.config import TextEncoderConfig
 from rtsd.models.text_encoder import OpenCLIPTextEncoder, build_text_encoder
 
-PREFIX = "conditioner."  # state-dict keys of this module continue with ``embedders.N.``
-
+# In single files this module lives under ``conditioner.`` (rtsd.detection.component_prefixes): ``embedders.N.*``.
 
 def repad(input_ids: torch.Tensor, eos: int, pad: int) -> torch.Tensor:
     """``input_ids`` with every position after each row's first EOS set to ``pad``."""
