@@ -17,8 +17,6 @@ from rtsd.adapters.lora_keys import lora_table
 
 def bake_loras(models, loras: Sequence[tuple[str | Path, float]]) -> list[dict]:
     """Merge each (file, scale) into ``models`` in place, in order; returns the manifest's records of them."""
-    if models.config.pooled_dim:
-        raise ValueError(f"--lora is not supported for SDXL yet ({models.config.family}); rtsd bakes SD 1.x/2.x LoRAs only")
     files = [(read_lora(path), float(scale)) for path, scale in loras]
     table = lora_table(models.ldm_shapes(), models.config.unet.num_res_blocks)
     per_key = stack_deltas(files, table, models.config.family)

@@ -90,9 +90,6 @@ class LoraSwitcher:
         return self._table
 
     def _require_map(self) -> None:
-        if self.manifest.model.pooled_dim:
-            raise EngineDirError(f"LoRAs are not supported for SDXL engine directories yet ({self.engine_dir}: "
-                                 f"{self.manifest.model.family}); rtsd switches SD 1.x/2.x LoRAs only")
         if not all(self.maps.values()):
             raise EngineDirError(f"{self.engine_dir} has no weights map (exported by an older rtsd, format_version "
                                  f"{self.manifest.format_version}), so it cannot switch LoRAs; re-export it with "
