@@ -107,17 +107,26 @@ class DiffusersContender:
         import diffusers
 
         from rtsd.checkpoint import detect_config, open_checkpoint
-        from tests.diffusers_oracle import diffusers_pipeline
+        from tests.diffusers_oracle import diffusers_pipeline, sdxl_pipeline
 
         diffusers.utils.logging.set_verbosity_error()
         config = detect_config(open_checkpoint(checkpoint).shapes)
         self.config, self.device, self.dtype = config, device, torch_device_dtype(device)
-        family = {"sd1": "sd15", "sd2": "sd21"}[config.family]  # the published configs the oracle builds from
-        self.pipe = diffusers_pipeline(checkpoint, family, tokenizer_dir, diffusers_scheduler(scheduler, config),
-                                       dtype=self.dtype, device=device)
+        self.sdxl = config.family == "sdxl"
+        if config.family not in ("sd1", "sd2", "sdxl"):
+            raise SystemExit(f"error: the diffusers baseline runs SD 1.x/2.x and SDXL base, not {config.family}")
+        if self.sdxl:  # StableDiffusionXLPipeline from the published SDXL base configs
+            self.pipe = sdxl_pipeline(checkpoint, "sdxl", tokenizer_dir, diffusers_scheduler(scheduler, config),
+                                      dtype=self.dtype, device=device)
+        else:
+            family = {"sd1": "sd15", "sd2": "sd21"}[config.family]  # the published configs the oracle builds from
+            self.pipe = diffusers_pipeline(checkpoint, family, tokenizer_dir, diffusers_scheduler(scheduler, config),
+                                           dtype=self.dtype, device=device)
         if device == "cpu":
-            for module in (self.pipe.unet, self.pipe.vae, self.pipe.text_encoder):
-                private_copy(module)
+            for module in (self.pipe.unet, self.pipe.vae, self.pipe.text_encoder,
+                           getattr(self.pipe, "text_encoder_2", None)):
+                if module is not None:
+                    private_copy(module)
         self.pipe.set_progress_bar_config(disable=True)
         self._step_seconds = 0.0
         original_step = self.pipe.scheduler.step
@@ -135,7 +144,7 @@ class DiffusersContender:
         import torch
 
         processors = sorted({type(p).__name__ for p in self.pipe.unet.attn_processors.values()})
-        return {"implementation": "diffusers StableDiffusionPipeline (weights via diffusers' LDM converters)",
+        return {"implementation": f"diffusers {type(self.pipe).__name__} (weights via diffusers' LDM converters)",
                 "device": self.device, "dtype": str(self.dtype).removeprefix("torch."),
                 "attention": f"UNet/VAE {', '.join(processors)} (SDPA); text encoder "
                              f"{getattr(self.pipe.text_encoder.config, '_attn_implementation', '?')}",
@@ -165,6 +174,17 @@ class DiffusersContender:
         context_231 = torch.from_numpy(long_context).to(dev, dtype)
         latent = torch.from_numpy(vae_feeds["latent"]).to(dev, dtype)
         scale = pipe.vae.config.scaling_factor
+        # SDXL: the UNet's added conditions, and both text encoders (penultimate states + bigG's pooled output)
+        added = {k: torch.from_numpy(unet_feeds[k]).to(dev, dtype) for k in ("text_embeds", "time_ids")
+                 if k in unet_feeds}
+        unet_kwargs = {"added_cond_kwargs": added} if added else {}
+
+        def encode(ids):
+            if not self.sdxl:
+                return pipe.text_encoder(ids)[0]
+            first = pipe.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+            second = pipe.text_encoder_2(ids, output_hidden_states=True)
+            return torch.cat([first, second.hidden_states[-2]], dim=-1), second.text_embeds
 
         def run(fn):
             def call():
@@ -177,10 +197,11 @@ class DiffusersContender:
         return {
             "tokenize": lambda: pipe.tokenizer(prompts, padding="max_length", truncation=True,
                                                max_length=pipe.tokenizer.model_max_length, return_tensors="pt"),
-            "text_encoder": run(lambda: pipe.text_encoder(tokens)[0]),
-            "text_encoder_3_chunks": run(lambda: pipe.text_encoder(chunk_rows)[0]),
-            "unet": run(lambda: pipe.unet(sample, timestep, encoder_hidden_states=context).sample),
-            "unet_231_tokens": run(lambda: pipe.unet(sample, timestep, encoder_hidden_states=context_231).sample),
+            "text_encoder": run(lambda: encode(tokens)),
+            "text_encoder_3_chunks": run(lambda: encode(chunk_rows)),
+            "unet": run(lambda: pipe.unet(sample, timestep, encoder_hidden_states=context, **unet_kwargs).sample),
+            "unet_231_tokens": run(lambda: pipe.unet(sample, timestep, encoder_hidden_states=context_231,
+                                                     **unet_kwargs).sample),
             # As rtsd's decoder stage: decode, map to [0, 1], bring to the host.
             "vae_decode": run(lambda: (pipe.vae.decode(latent / scale).sample / 2 + 0.5).clamp(0, 1).float().cpu()),
         }

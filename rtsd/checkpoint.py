@@ -9,6 +9,7 @@ function of those shapes. This module imports torch only inside the functions th
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from rtsd import diffusers_keys
 from rtsd.config import ModelConfig
-from rtsd.detection import COMPONENT_PREFIXES, detect_config
+from rtsd.detection import COMPONENT_PREFIXES, component_prefixes, detect_config
 from rtsd.errors import CheckpointError, MissingDependencyError, UnsupportedModelError
 
 if TYPE_CHECKING:
@@ -62,6 +63,7 @@ class _Source:
 
     parts: tuple[tuple[Path, str], ...]
     shape: tuple[int, ...]
+    transpose: bool = False  # stored transposed (a diffusers Linear weight for an LDM x @ P matrix)
 
 
 class Checkpoint:
@@ -95,7 +97,8 @@ class Checkpoint:
                 for ldm_key, index, key in entries:
                     src = self._sources[ldm_key]
                     if len(src.parts) == 1:
-                        out[ldm_key] = _as_stored(get(key), src.shape, dtype)
+                        tensor = get(key)
+                        out[ldm_key] = _as_stored(tensor.T if src.transpose else tensor, src.shape, dtype)
                         continue
                     parts = pending.setdefault(ldm_key, {})
                     parts[index] = get(key)
@@ -281,21 +284,24 @@ def _open_diffusers(path: Path) -> Checkpoint:
             ".ckpt file, or a folder with model_index.json, unet/, vae/ and text_encoder/"
         )
     index = _read_json(index_file)
-    pipeline = str(index.get("_class_name", ""))
-    if "XL" in pipeline or "text_encoder_2" in index:
-        raise UnsupportedModelError(f"{path}: SDXL diffusers folder ({pipeline}): rtsd supports SD 1.x and 2.x")
-    missing = [name for name in _DIFFUSERS_COMPONENTS if not (path / name).is_dir()]
+    sdxl = "XL" in str(index.get("_class_name", "")) or "text_encoder_2" in index or (path / "text_encoder_2").is_dir()
+    components = _SDXL_COMPONENTS if sdxl else _DIFFUSERS_COMPONENTS
+    if sdxl and not (path / "text_encoder").is_dir() and not any(index.get("text_encoder") or ()):
+        components = tuple(c for c in components if c != "text_encoder")  # the refiner: bigG alone
+    missing = [name for name in components if not (path / name).is_dir()]
     if missing:
-        raise CheckpointError(f"{path}: diffusers folder lacks {', '.join(m + '/' for m in missing)}")
+        error = UnsupportedModelError if sdxl else CheckpointError  # an XL pipeline without its parts: not SDXL
+        raise error(f"{path}: {'SDXL ' if sdxl else ''}diffusers folder lacks {', '.join(m + '/' for m in missing)}")
 
     sources: dict[str, _Source] = {}
     dtypes: dict[str, str] = {}
     weight_files: list[Path] = []
     pickled: dict[Path, dict[str, Any]] = {}
-    for name in _DIFFUSERS_COMPONENTS:
+    for name in components:
         folder = path / name
         config = _read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
-        to_ldm = _key_mapping(folder, name, config)
+        to_ldm = _sdxl_key_mapping(name, components) if sdxl and name.startswith("text_encoder") else \
+            _key_mapping(folder, name, config)
         entries: dict[str, tuple[Path, tuple[int, ...], str]] = {}
         for file in _component_weight_files(folder):
             weight_files.append(file)
@@ -306,11 +312,21 @@ def _open_diffusers(path: Path) -> Checkpoint:
                 state = pickled[file] = _load_pickle(file)
                 for key, tensor in state.items():
                     entries[key] = (file, tuple(tensor.shape), _torch_dtype_name(tensor))
-        _cross_check(folder, name, config, {k: shape for k, (_, shape, _) in entries.items()})
+        _cross_check(folder, name.removesuffix("_2"), config, {k: shape for k, (_, shape, _) in entries.items()})
         for ldm_key, src in to_ldm({k: shape for k, (_, shape, _) in entries.items()}).items():
-            sources[ldm_key] = _Source(tuple((entries[key][0], key) for key in src.keys), src.shape)
+            sources[ldm_key] = _Source(tuple((entries[key][0], key) for key in src.keys), src.shape, src.transpose)
             dtypes[ldm_key] = entries[src.key][2]
     return Checkpoint(path, "diffusers", sources, dtypes, weight_files, pickled)
+
+
+_SDXL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
+def _sdxl_key_mapping(name: str, components: tuple[str, ...]):
+    """SDXL: text_encoder/ is CLIP ViT-L (embedder 0); text_encoder_2/ is bigG (embedder 1, or 0 in the refiner)."""
+    if name == "text_encoder":
+        return functools.partial(diffusers_keys.sdxl_text_to_ldm, index=0, open_clip=False)
+    return functools.partial(diffusers_keys.sdxl_text_to_ldm, index=int("text_encoder" in components), open_clip=True)
 
 
 def _key_mapping(folder: Path, name: str, config: Mapping[str, Any]):
@@ -512,7 +528,7 @@ def summarize(checkpoint: Checkpoint) -> dict[str, Any]:
     config = _with_prediction_type(detect_config(checkpoint.shapes), said)
     source = "checkpoint config" if said is not None else "default (nothing beside the checkpoint says)"
     components = {}
-    for name, prefix in COMPONENT_PREFIXES.items():
+    for name, prefix in component_prefixes(config).items():
         shapes = [shape for key, shape in checkpoint.shapes.items() if key.startswith(prefix)]
         components[name] = {"parameters": sum(math.prod(s) for s in shapes), "tensors": len(shapes)}
     return {

@@ -82,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--cfg", type=float, default=7.5, help="guidance scale; <= 1 disables classifier-free guidance")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--size", default=None, help="WxH, e.g. 512x512 (default: the init image's size, else 512x512)")
+    p.add_argument("--size", default=None, help="WxH, e.g. 512x512 (default: the init image's size, else the model's: 512x512, SDXL 1024x1024)")
     p.add_argument("--scheduler", default="dpmpp_2m")
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--image", type=Path, help="init image for img2img, or the image to inpaint (with --mask)")
@@ -262,10 +262,10 @@ def save_png(image, path: Path, parameters: dict) -> None:
     image.save(path, pnginfo=info)
 
 
-def _size(text: str | None, image: Path | None) -> tuple[int, int]:
+def _size(text: str | None, image: Path | None) -> tuple[int | None, int | None]:
     if text is None:
         if image is None:
-            return 512, 512
+            return None, None  # the engine directory's default size (SD 1.x/2.x 512, SDXL 1024)
         from PIL import Image
 
         try:

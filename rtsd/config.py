@@ -27,6 +27,18 @@ class UNetConfig:
     context_dim: int = 768
     use_linear_in_transformer: bool = False  # SD 2.x: proj_in/proj_out are Linear instead of 1x1 Conv
     norm_num_groups: int = 32
+    # SDXL: transformer blocks per resolution level (0 = no attention at that level); empty = ``transformer_depth``
+    # at every level listed in attention_resolutions. With levels given, ``transformer_depth`` is the middle block's.
+    transformer_depth_levels: tuple[int, ...] = ()
+    # SDXL: width of the added-condition vector (``label_emb``: pooled text + sinusoids of the time ids); 0 = none.
+    adm_in_channels: int = 0
+    time_id_embed_dim: int = 256  # each SDXL time id becomes a sinusoid this wide (diffusers addition_time_embed_dim)
+
+    def depth_at(self, level: int) -> int:
+        """Transformer blocks at resolution ``level`` (0 when that level has no attention)."""
+        if self.transformer_depth_levels:
+            return self.transformer_depth_levels[level]
+        return self.transformer_depth if 2**level in self.attention_resolutions else 0
 
     def heads_at(self, channels: int) -> tuple[int, int]:
         """(heads, head_dim) of the attention blocks at a level with ``channels`` channels."""
@@ -72,6 +84,10 @@ class TextEncoderConfig:
     pad_token_id: int = 49407  # SD 1.x pads with <|endoftext|>; SD 2.x (OpenCLIP) pads with 0
     bos_token_id: int = 49406
     eos_token_id: int = 49407
+    # SDXL conditions on the penultimate hidden state as is; SD 1.x/2.x apply the final LayerNorm to the chosen layer.
+    final_norm: bool = True
+    # SDXL's OpenCLIP ViT-bigG: width of the pooled output (final-norm EOS token through text_projection); 0 = none.
+    projection_dim: int = 0
 
 
 @dataclass(frozen=True)
@@ -89,11 +105,37 @@ class SchedulerDefaults:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    family: str  # "sd1" | "sd2"
+    family: str  # "sd1" | "sd2" | "sdxl" | "sdxl_refiner"
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     scheduler: SchedulerDefaults = field(default_factory=SchedulerDefaults)
+    # SDXL base: OpenCLIP ViT-bigG beside CLIP ViT-L (their hidden states are concatenated); None for one encoder.
+    text_encoder_2: TextEncoderConfig | None = None
+    default_size: int = 512  # generate()'s height/width when none is given (SDXL: 1024)
+    # diffusers' force_zeros_for_empty_prompt (SDXL base): an empty negative prompt conditions on zeros.
+    zeros_for_empty_prompt: bool = False
+
+    @property
+    def text_encoders(self) -> tuple[TextEncoderConfig, ...]:
+        """The text encoders in context order (their hidden states are concatenated along the channel axis)."""
+        return (self.text_encoder,) if self.text_encoder_2 is None else (self.text_encoder, self.text_encoder_2)
+
+    @property
+    def context_dim(self) -> int:
+        return sum(te.hidden_size for te in self.text_encoders)
+
+    @property
+    def pooled_dim(self) -> int:
+        """Width of the pooled text embedding the UNet's added conditions take (0: the UNet takes none)."""
+        return self.text_encoders[-1].projection_dim if self.unet.adm_in_channels else 0
+
+    @property
+    def num_time_ids(self) -> int:
+        """SDXL time ids per image: 6 for the base (size, crop, target size), 5 for the refiner (aesthetic score)."""
+        if not self.unet.adm_in_channels:
+            return 0
+        return (self.unet.adm_in_channels - self.pooled_dim) // self.unet.time_id_embed_dim
 
     @property
     def is_inpainting(self) -> bool:
@@ -118,6 +160,8 @@ class ModelConfig:
             vae=_build(VAEConfig, data["vae"]),
             text_encoder=_build(TextEncoderConfig, data["text_encoder"]),
             scheduler=_build(SchedulerDefaults, data["scheduler"]),
+            **{k: v for k, v in data.items() if k in ("default_size", "zeros_for_empty_prompt")},
+            text_encoder_2=_build(TextEncoderConfig, data["text_encoder_2"]) if data.get("text_encoder_2") else None,
         )
 
 

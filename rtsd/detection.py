@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 
 from rtsd.config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
 from rtsd.errors import UnsupportedModelError
@@ -23,7 +24,10 @@ COMPONENT_PREFIXES = {
 }
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
-SUPPORTED = "rtsd supports SD 1.x and 2.x"
+SUPPORTED = "rtsd supports SD 1.x, 2.x and SDXL (base, refiner, inpainting)"
+SDXL_TEXT_PREFIX = "conditioner.embedders."
+SDXL_TIME_ID_WIDTH = 256  # each time id is a 256-wide sinusoid (sgm ConcatTimestepEmbedderND, outdim 256)
+SDXL_TIME_IDS = {"sdxl": 6, "sdxl_refiner": 5}  # size, crop, target size | size, crop, aesthetic score
 CLIP_HEAD_WIDTH = 64
 SD1_UNET_HEADS = 8
 SD2_UNET_HEAD_WIDTH = 64
@@ -34,7 +38,12 @@ _UNET_TOP_LEVEL = {"time_embed", "input_blocks", "middle_block", "output_blocks"
 
 
 def detect_config(shapes: Mapping[str, Shape]) -> ModelConfig:
-    """The ModelConfig of an SD 1.x / 2.x checkpoint from its LDM key -> shape table."""
+    """The ModelConfig of an SD 1.x / 2.x / SDXL checkpoint from its LDM key -> shape table."""
+    if any(k.startswith(SDXL_TEXT_PREFIX) for k in shapes):
+        try:
+            return _detect_sdxl(shapes)
+        except UnsupportedModelError as exc:
+            raise UnsupportedModelError(f"SDXL checkpoint (conditioner.embedders.* keys): {exc}") from None
     _reject_other_families(shapes)
     text_encoder = _detect_text_encoder(shapes)
     family = "sd2" if text_encoder.kind == "open_clip" else "sd1"
@@ -42,6 +51,13 @@ def detect_config(shapes: Mapping[str, Shape]) -> ModelConfig:
     vae = _detect_vae(_strip(shapes, COMPONENT_PREFIXES["vae"]))
     _check_consistent(unet, vae, text_encoder)
     return ModelConfig(family=family, unet=unet, vae=vae, text_encoder=text_encoder)
+
+
+def component_prefixes(config: ModelConfig) -> dict[str, str]:
+    """Where each network lives in this family's single files (SDXL's text encoders: ``conditioner.``)."""
+    if config.unet.adm_in_channels:
+        return {**COMPONENT_PREFIXES, "text_encoder": "conditioner."}
+    return COMPONENT_PREFIXES
 
 
 def _strip(shapes: Mapping[str, Shape], prefix: str) -> dict[str, Shape]:
@@ -72,18 +88,13 @@ def _ratio(value: int, base: int, what: str) -> int:
 def _reject_other_families(shapes: Mapping[str, Shape]) -> None:
     if not shapes:
         raise UnsupportedModelError(f"no model tensors at all; {SUPPORTED}")
-    if any(k.startswith("conditioner.embedders.") for k in shapes):
-        raise UnsupportedModelError(f"SDXL checkpoint (conditioner.embedders.* keys): {SUPPORTED}")
     unet = _strip(shapes, COMPONENT_PREFIXES["unet"])
     if "label_emb.0.0.weight" in unet or "label_emb.weight" in unet:
         raise UnsupportedModelError(
-            f"UNet with a class/ADM embedding (label_emb.* keys: SDXL, unCLIP or upscaler): {SUPPORTED}"
+            f"UNet with a class/ADM embedding (label_emb.* keys) but no SDXL text encoders (conditioner.embedders.*: "
+            f"unCLIP or upscaler): {SUPPORTED}"
         )
-    foreign = sorted({k.split(".", 1)[0] for k in unet} - _UNET_TOP_LEVEL)
-    if foreign:
-        raise UnsupportedModelError(
-            f"unknown diffusion model layout (model.diffusion_model.{foreign[0]}.* keys; not an LDM UNet): {SUPPORTED}"
-        )
+    _reject_foreign_unet(unet)
     missing = [name for name, prefix in COMPONENT_PREFIXES.items() if not any(k.startswith(prefix) for k in shapes)]
     if missing:
         found = sorted({k.split(".", 1)[0] for k in shapes})
@@ -91,6 +102,63 @@ def _reject_other_families(shapes: Mapping[str, Shape]) -> None:
             f"incomplete checkpoint: no {', '.join(missing)} tensors ({'*, '.join(COMPONENT_PREFIXES.values())}* "
             f"expected; found {', '.join(f + '.*' for f in found)}); rtsd needs a full SD 1.x/2.x checkpoint"
         )
+
+
+def _reject_foreign_unet(unet: Mapping[str, Shape], allowed: frozenset[str] = frozenset()) -> None:
+    foreign = sorted({k.split(".", 1)[0] for k in unet} - _UNET_TOP_LEVEL - allowed)
+    if foreign:
+        raise UnsupportedModelError(
+            f"unknown diffusion model layout (model.diffusion_model.{foreign[0]}.* keys; not an LDM UNet): {SUPPORTED}"
+        )
+
+
+# -------------------------------------------------------------------------------------------------------------- SDXL
+
+
+def _detect_sdxl(shapes: Mapping[str, Shape]) -> ModelConfig:
+    """SDXL base (CLIP ViT-L + OpenCLIP bigG, 6 time ids), refiner (bigG alone, 5 time ids) or inpainting."""
+    missing = [p for p in (COMPONENT_PREFIXES["unet"], COMPONENT_PREFIXES["vae"]) if not any(k.startswith(p) for k in shapes)]
+    if missing:
+        raise UnsupportedModelError(f"incomplete SDXL checkpoint: no {', '.join(m + '*' for m in missing)} tensors")
+    embedders = _indices(shapes, re.escape(SDXL_TEXT_PREFIX) + r"(\d+)\.")
+    encoders = []
+    for index in embedders:
+        part = _strip(shapes, f"{SDXL_TEXT_PREFIX}{index}.")
+        if any(k.startswith("transformer.text_model.") for k in part):
+            encoders.append(replace(_detect_clip(_strip(part, "transformer.text_model.")), output_layer=-2,
+                                    final_norm=False))
+        elif any(k.startswith("model.") for k in part):
+            inner = _strip(part, "model.")
+            projection = _need(inner, "text_projection", "SDXL OpenCLIP text encoder")
+            encoders.append(replace(_detect_open_clip(inner), final_norm=False, projection_dim=projection[1]))
+        else:
+            raise UnsupportedModelError(f"SDXL text encoder {SDXL_TEXT_PREFIX}{index}.* is neither CLIP "
+                                        f"(transformer.text_model.*) nor OpenCLIP (model.*): {SUPPORTED}")
+    kinds = [te.kind for te in encoders]
+    if kinds == ["clip", "open_clip"]:
+        family = "sdxl"
+    elif kinds == ["open_clip"]:
+        family = "sdxl_refiner"
+    else:
+        raise UnsupportedModelError(f"SDXL-style checkpoint with text encoders {kinds} (embedders {embedders}); "
+                                    f"expected CLIP + OpenCLIP (base) or OpenCLIP alone (refiner): {SUPPORTED}")
+    unet_shapes = _strip(shapes, COMPONENT_PREFIXES["unet"])
+    _reject_foreign_unet(unet_shapes, frozenset({"label_emb"}))
+    unet = _detect_unet(unet_shapes, family)
+    vae = replace(_detect_vae(_strip(shapes, COMPONENT_PREFIXES["vae"])), scaling_factor=0.13025)
+    context = sum(te.hidden_size for te in encoders)
+    if unet.context_dim != context:
+        raise UnsupportedModelError(f"inconsistent SDXL checkpoint: UNet context_dim {unet.context_dim} differs "
+                                    f"from the text encoders' widths {[te.hidden_size for te in encoders]} ({context})")
+    time_ids = (unet.adm_in_channels - encoders[-1].projection_dim) / SDXL_TIME_ID_WIDTH
+    if time_ids != SDXL_TIME_IDS[family]:
+        raise UnsupportedModelError(
+            f"SDXL UNet label_emb takes {unet.adm_in_channels} inputs: pooled text {encoders[-1].projection_dim} + "
+            f"{time_ids:g} time ids of {SDXL_TIME_ID_WIDTH}; the {family} family has {SDXL_TIME_IDS[family]}")
+    _check_latents(unet, vae)
+    return ModelConfig(family=family, unet=unet, vae=vae, text_encoder=encoders[0],
+                       text_encoder_2=encoders[1] if len(encoders) > 1 else None, default_size=1024,
+                       zeros_for_empty_prompt=family == "sdxl")
 
 
 # ------------------------------------------------------------------------------------------------------ text encoder
@@ -214,9 +282,29 @@ def _detect_unet(s: Mapping[str, Shape], family: str) -> UNetConfig:
         raise UnsupportedModelError(f"{what}: no cross-attention blocks; not an SD 1.x/2.x text-to-image UNet")
 
     attention_blocks = sorted({k[: -len(".proj_in.weight")] for k in s if k.endswith(".proj_in.weight")})
-    depths = {len(_indices(_strip(s, block + "."), r"transformer_blocks\.(\d+)\.")) for block in attention_blocks}
-    if len(depths) != 1:
-        raise UnsupportedModelError(f"{what}: transformer depths {sorted(depths)} differ between blocks (SDXL-like)")
+
+    def depth(block: str) -> int:
+        return len(_indices(_strip(s, block + "."), r"transformer_blocks\.(\d+)\."))
+
+    sdxl = family.startswith("sdxl")
+    if sdxl:
+        # Per level (0 where it has no attention; every block of a level alike), and the middle block's.
+        levels_depth = []
+        for level in range(levels):
+            first, up_first = 1 + level * step, (levels - 1 - level) * step
+            blocks = [f"input_blocks.{first + i}.1" for i in range(res_blocks)]
+            blocks += [f"output_blocks.{up_first + i}.1" for i in range(step)]
+            found = {depth(b) for b in blocks} if level in attention_levels else {0}
+            if len(found) != 1:
+                raise UnsupportedModelError(f"{what}: level {level} has transformer depths {sorted(found)}")
+            levels_depth.append(found.pop())
+        depth_fields = {"transformer_depth": depth("middle_block.1"), "transformer_depth_levels": tuple(levels_depth),
+                        "adm_in_channels": _need(s, "label_emb.0.0.weight", what)[1]}
+    else:
+        depths = {depth(block) for block in attention_blocks}
+        if len(depths) != 1:
+            raise UnsupportedModelError(f"{what}: transformer depths {sorted(depths)} differ between blocks (SDXL-like)")
+        depth_fields = {"transformer_depth": depths.pop()}
     first_attention = attention_blocks[0]
     context_dims = {s[k][1] for k in s if k.endswith(".attn2.to_k.weight")}
     if len(context_dims) != 1:
@@ -224,7 +312,7 @@ def _detect_unet(s: Mapping[str, Shape], family: str) -> UNetConfig:
     linear = len(_need(s, f"{first_attention}.proj_in.weight", what)) == 2
 
     widths = [model_channels * channel_mult[level] for level in attention_levels]
-    if family == "sd2":
+    if family == "sd2" or sdxl:
         for width in widths:
             _ratio(width, SD2_UNET_HEAD_WIDTH, f"{what} attention width (SD 2.x heads are 64 wide)")
         heads = {"num_heads": -1, "num_head_channels": SD2_UNET_HEAD_WIDTH}
@@ -239,10 +327,10 @@ def _detect_unet(s: Mapping[str, Shape], family: str) -> UNetConfig:
         channel_mult=tuple(channel_mult),
         num_res_blocks=res_blocks,
         attention_resolutions=tuple(sorted((2**level for level in attention_levels), reverse=True)),
-        transformer_depth=depths.pop(),
         context_dim=context_dims.pop(),
         use_linear_in_transformer=linear,
         **heads,
+        **depth_fields,
     )
 
 
@@ -289,6 +377,10 @@ def _check_consistent(unet: UNetConfig, vae: VAEConfig, text_encoder: TextEncode
             f"inconsistent checkpoint: UNet cross-attention context_dim {unet.context_dim} differs from the text "
             f"encoder width {text_encoder.hidden_size}"
         )
+    _check_latents(unet, vae)
+
+
+def _check_latents(unet: UNetConfig, vae: VAEConfig) -> None:
     latent = vae.embed_dim
     if unet.out_channels != latent or unet.in_channels not in (latent, 2 * latent + 1):
         raise UnsupportedModelError(

@@ -36,6 +36,7 @@ class KeySource(NamedTuple):
     key: str
     shape: Shape
     parts: tuple[str, ...] = ()
+    transpose: bool = False  # a 2-D tensor stored transposed (SDXL's text_projection: Linear weight vs x @ P)
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -55,6 +56,8 @@ _UNET_DIRECT = {
     "conv_in": "input_blocks.0.0",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
+    "add_embedding.linear_1": "label_emb.0.0",  # SDXL's added conditions (addition_embed_type "text_time")
+    "add_embedding.linear_2": "label_emb.0.2",
 }
 # diffusers ResnetBlock2D attribute -> LDM ResBlock attribute
 _UNET_RESNET = {
@@ -198,7 +201,7 @@ def vae_to_ldm(shapes: Mapping[str, Shape]) -> dict[str, KeySource]:
 _CLIP_IGNORED = {"embeddings.position_ids"}  # a buffer, not a weight; real checkpoints disagree on carrying it
 
 
-def _clip_names(shapes: Mapping[str, Shape]) -> dict[str, str]:
+def _clip_names(shapes: Mapping[str, Shape], projection: bool = False) -> dict[str, str]:
     """CLIPTextModel tensor name without the ``text_model.`` level -> stored key, minus the ignored buffer.
 
     Accepts both the classic ``text_model.*`` names and the flattened names transformers >= 5.6 writes.
@@ -207,6 +210,9 @@ def _clip_names(shapes: Mapping[str, Shape]) -> dict[str, str]:
     for key in shapes:
         name = key.removeprefix("text_model.")
         if name in _CLIP_IGNORED:
+            continue
+        if projection and name == "text_projection.weight":
+            names[name] = key
             continue
         if not name.startswith(("embeddings.", "encoder.layers.", "final_layer_norm.")):
             raise UnsupportedModelError(
@@ -240,16 +246,19 @@ _CLIP_LAYER = re.compile(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 _QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 
 
-def open_clip_to_ldm(shapes: Mapping[str, Shape]) -> dict[str, KeySource]:
+def open_clip_to_ldm(shapes: Mapping[str, Shape], projection: bool = False) -> dict[str, KeySource]:
     """Map a ``CLIPTextModel`` converted from OpenCLIP (SD 2.x folders) back to ``cond_stage_model.model.*``.
 
     The inverse of diffusers' ``convert_open_clip_checkpoint``: q/k/v projections pack into ``attn.in_proj_*``
     (q, k, v stacked on dim 0, as ``nn.MultiheadAttention`` stores them). Layers are mapped as stored; the one
     diffusers dropped stays absent (detection and the reference account for it).
     """
-    names = _clip_names(shapes)
+    names = _clip_names(shapes, projection)
     out: dict[str, KeySource] = {}
     for name, key in names.items():
+        if name == "text_projection.weight":  # CLIPTextModelWithProjection (SDXL's bigG): Linear weight = P.T
+            out[OPEN_CLIP_PREFIX + "text_projection"] = KeySource(key, tuple(shapes[key])[::-1], transpose=True)
+            continue
         if name in _OPEN_CLIP_DIRECT:
             out[OPEN_CLIP_PREFIX + _OPEN_CLIP_DIRECT[name]] = _same(key, shapes[key])
             continue
@@ -278,3 +287,18 @@ def _packed_qkv(names: Mapping[str, str], shapes: Mapping[str, Shape], layer: st
             f"diffusers text encoder: {layer}q/k/v {param} shapes differ ({[list(shapes[p]) for p in parts]})"
         )
     return KeySource(parts[0], (3 * first[0], *first[1:]), tuple(parts))
+
+
+# ------------------------------------------------------------------------------------------------------------ SDXL
+
+SDXL_EMBEDDERS = "conditioner.embedders."
+
+
+def sdxl_text_to_ldm(shapes: Mapping[str, Shape], index: int, open_clip: bool) -> dict[str, KeySource]:
+    """An SDXL folder's text_encoder/ (CLIP ViT-L, ``conditioner.embedders.0.transformer.*``) or text_encoder_2/
+    (OpenCLIP bigG with its projection, ``conditioner.embedders.<index>.model.*``)."""
+    if open_clip:
+        mapped, old, new = open_clip_to_ldm(shapes, projection=True), OPEN_CLIP_PREFIX, f"model."
+    else:
+        mapped, old, new = clip_to_ldm(shapes), "cond_stage_model.transformer.", "transformer."
+    return {f"{SDXL_EMBEDDERS}{index}.{new}{k[len(old):]}": v for k, v in mapped.items()}

@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from rtsd import schedulers
+from rtsd import added_conditions, handoff, schedulers
 from rtsd.engine import get_backend
 from rtsd.engine.base import Backend
 from rtsd.engine.fused_step import device_step
@@ -48,6 +48,7 @@ class GenerationResult:
     seed: int
     timings: dict[str, float]  # seconds per stage, and per UNet step
     parameters: dict[str, Any] = field(default_factory=dict)  # what produced the images (stored in PNG text chunks)
+    latents: np.ndarray | None = None  # output_type="latent": the final latents (N, 4, H/8, W/8), no images
 
 
 class Runtime:
@@ -120,12 +121,15 @@ class Runtime:
         return baked + (self._loras.records if self._loras else [])
 
     def generate(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
-                 steps: int = 30, guidance_scale: float = 7.5, height: int = 512, width: int = 512,
+                 steps: int = 30, guidance_scale: float = 7.5, height: int | None = None, width: int | None = None,
                  seed: int | None = None, seeds: Sequence[int] | None = None, scheduler: str = "dpmpp_2m",
                  scheduler_options: dict | None = None,
                  num_images: int = 1, latents: np.ndarray | None = None, image=None, mask_image=None,
                  strength: float | None = None, callback: StepCallback | None = None,
-                 prompt_syntax: str = "a1111", loras: "dict[str | Path, float] | None" = None) -> GenerationResult:
+                 prompt_syntax: str = "a1111", loras: "dict[str | Path, float] | None" = None,
+                 size_conditions: "added_conditions.SizeConditions | dict | None" = None,
+                 denoising_start: float | None = None, denoising_end: float | None = None,
+                 output_type: str = "pil") -> GenerationResult:
         """prompt_syntax: "a1111" (``(word:1.2)``, ``[word]``, BREAK; prompts past 75 tokens in chunks; rtsd.prompt)
         or "plain" (the text as is, still chunked).
         seeds: one seed per image instead of ``seed`` (rtsd.noise): image i then equals a one-image generation
@@ -134,11 +138,20 @@ class Runtime:
         inpaint; mask_image: inpainting engine dirs only, same size, white = repaint, black = keep (PIL "L"/"1"/"RGB",
         path, or (H, W) array). strength: how much to repaint, default 0.8 for img2img and 1.0 for inpainting
         (1.0 starts from pure noise; less starts from the noised encoded image). loras: {path: scale}, switched in
-        only when it differs from the current set (see set_loras); None keeps the current set."""
+        only when it differs from the current set (see set_loras); None keeps the current set.
+        height/width: default the model's size (512 for SD 1.x/2.x, 1024 for SDXL).
+        size_conditions (SDXL): original_size, target_size, crops_coords_top_left, aesthetic_score (refiner) and
+        their negative_* forms, as diffusers' SDXL pipelines take them (rtsd.added_conditions.SizeConditions or a dict).
+        denoising_end / denoising_start (SDXL base + refiner hand-off, rtsd.handoff): stop the schedule early / start
+        it late from ``latents`` as given. output_type: "pil" (images) or "latent" (``result.latents``, no decode)."""
         timings: dict[str, float] = {}
         start = time.perf_counter()
 
         # 1. Check the whole request before any engine runs.
+        height, width = height or self.config.default_size, width or self.config.default_size
+        conditions = _size_conditions(size_conditions)
+        if output_type not in ("pil", "latent"):
+            raise ValueError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
         checked = check_request(prompt=prompt, negative_prompt=negative_prompt, steps=steps,
                                 guidance_scale=guidance_scale, height=height, width=width, seed=seed,
                                 num_images=num_images, strength=strength, image=image, scheduler=scheduler,
@@ -157,6 +170,13 @@ class Runtime:
         init_pixels = init_image_pixels(image, height, width, 1 if inpaint else n) if image is not None else None
         mask = inpainting_mask(mask_image, height, width) if inpaint else None
         start_index = _img2img_start(sampler, steps, strength) if image is not None else 0
+        train_steps = self.config.scheduler.num_train_timesteps
+        end_index = handoff.end_index(sampler, denoising_end, train_steps)
+        if denoising_start is not None:  # the refiner continues the base's latents: no noise, no encode
+            if latents is None or image is not None:
+                raise ValueError("denoising_start continues from latents: pass latents= (the base's "
+                                 "output_type='latent' result) and no image=")
+            start_index = handoff.start_index(sampler, denoising_start, train_steps)
         rng = SeededNoise(seed, seeds, n)
         seed = rng.seed
         use_cfg = guidance_scale > 1.0
@@ -169,7 +189,9 @@ class Runtime:
 
         # 2. Encode prompts: unconditional rows first, then conditional, one text-encoder call per 77-token chunk.
         t0 = time.perf_counter()
-        context = self.text.encode(self.engines["text_encoder"], text)
+        context, pooled = self.text.encode_with_pooled(self.engines["text_encoder"], text)
+        context, added = added_conditions.condition(self.config, xp, context, pooled, n, use_cfg,
+                                                    negative_prompt is not None, conditions, height, width)
         self._sync()
         timings["text_encoder"] = time.perf_counter() - t0
 
@@ -178,7 +200,9 @@ class Runtime:
         #    mask + masked-image latents are the UNet's 5 extra channels, on the device, one row per UNet batch row.
         noise = initial if initial is not None else rng.draw(latent_shape)
         t0 = time.perf_counter()
-        if init_pixels is None or (inpaint and strength == 1.0):
+        if denoising_start is not None:
+            x = xp.asarray(noise)
+        elif init_pixels is None or (inpaint and strength == 1.0):
             x = xp.asarray(noise) * sampler.init_noise_sigma
         else:
             encoded = self._encode(init_pixels)
@@ -197,7 +221,7 @@ class Runtime:
 
         # 4. Denoise: one UNet call per scheduler timestep, CFG combine and step on the engines' array module.
         t0 = time.perf_counter()
-        total = len(sampler.timesteps)
+        total = end_index
         unet, scheduler_time = self.engines["unet"], 0.0
         step = device_step(sampler, xp)  # CFG combine + step: one fused kernel on CuPy
         for i in range(start_index, total):
@@ -209,7 +233,7 @@ class Runtime:
                 model_in = xp.concatenate([model_in, extra_channels], axis=1)
             rows = model_in.shape[0]
             out = unet.infer({"sample": model_in, "timestep": xp.full((rows,), t, dtype=xp.float32),
-                              "encoder_hidden_states": context})["model_output"]
+                              "encoder_hidden_states": context, **added})["model_output"]
             s0 = time.perf_counter()
             uncond, cond = (out[:n], out[n:]) if use_cfg else (out, None)
             step_noise = xp.asarray(rng.draw(latent_shape)) if sampler.stochastic else None
@@ -223,6 +247,10 @@ class Runtime:
         timings["scheduler_host"] = scheduler_time
 
         # 5. Decode to [0, 1] images and bring them to the host: the only device-to-host copy.
+        if output_type == "latent":
+            timings["total"] = time.perf_counter() - start
+            return GenerationResult(images=[], seed=seed, timings=timings, latents=self.engines["unet"].to_host(x),
+                                    parameters={"steps": steps, "denoising_end": denoising_end, "seed": seed})
         t0 = time.perf_counter()
         pixels = self.engines["vae_decoder"].infer({"latent": x})["images"]
         pixels = self.engines["vae_decoder"].to_host(pixels)
@@ -261,6 +289,20 @@ class Runtime:
     def close(self) -> None:
         for engine in self.engines.values():
             engine.close()
+
+
+def _size_conditions(value) -> "added_conditions.SizeConditions":
+    if value is None:
+        return added_conditions.SizeConditions()
+    if isinstance(value, added_conditions.SizeConditions):
+        return value
+    if isinstance(value, dict):
+        try:
+            return added_conditions.SizeConditions(**value)
+        except TypeError:
+            names = [f.name for f in dataclasses.fields(added_conditions.SizeConditions)]
+            raise ValueError(f"size_conditions takes {', '.join(names)}; got {sorted(value)}") from None
+    raise TypeError(f"size_conditions must be a dict or SizeConditions, got {type(value).__name__}")
 
 
 def _default_backend(manifest: Manifest) -> Backend:

@@ -25,7 +25,7 @@ from rtsd.export.specs import IOSpec, ShapeRange
 from rtsd.prompt import Chunk, apply_emphasis, frame, parse_attention, split_chunks
 
 PROMPT_SYNTAXES = ("a1111", "plain")
-FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x"}
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sdxl_refiner": "SDXL refiner"}
 
 
 @dataclass
@@ -46,9 +46,12 @@ class TextConditioning:
         extra = next((t for t in text_spec.inputs if t.name == "extra_embeddings"), None)
         self.extra_rows = int(extra.shape[0]) if extra is not None else 0
         te = config.text_encoder
-        self.vocab_size, self.width = te.vocab_size, te.hidden_size
+        # SDXL: one extra row holds every encoder's vector side by side (clip_l | clip_g), as the context does.
+        self.vocab_size, self.width = te.vocab_size, config.context_dim
+        parts = tuple("clip_l" if e.kind == "clip" else "clip_g" for e in config.text_encoders) \
+            if config.pooled_dim else ()
         self.embeddings = EmbeddingStore(self.width, FAMILY_NAMES.get(config.family, config.family),
-                                         tokenizer.encode_pieces)
+                                         tokenizer.encode_pieces, parts)
         self._comma = tokenizer.token_to_id(",</w>")
         self._zeros = np.zeros((self.extra_rows, self.width), np.float32)
 
@@ -84,20 +87,28 @@ class TextConditioning:
 
     def encode(self, engine, plan: PromptPlan):
         """The context (rows, 77 x chunks, C) on the engine's array module."""
+        return self.encode_with_pooled(engine, plan)[0]
+
+    def encode_with_pooled(self, engine, plan: PromptPlan):
+        """(context, pooled): SDXL's text encoder also gives ``text_embeds``, taken from the first chunk (None for
+        engines without it)."""
         xp, tok = engine.xp, self.tokenizer
-        parts = []
+        parts, pooled = [], None
         for index in range(plan.chunks):
             framed = [frame(row[index], tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) for row in plan.rows]
             ids, extra = self._ids_and_rows([slots for slots, _ in framed])
             feeds = {"input_ids": xp.asarray(ids)}
             if self.extra_rows:
                 feeds["extra_embeddings"] = xp.asarray(extra)
-            hidden = engine.infer(feeds)["hidden_states"]
+            outputs = engine.infer(feeds)
+            hidden = outputs["hidden_states"]
+            if index == 0:
+                pooled = outputs.get("text_embeds")
             weights = np.array([w for _, w in framed], dtype=np.float32)
             if (weights != 1.0).any():  # emphasis on the host: a few hundred KB per chunk
                 hidden = xp.asarray(apply_emphasis(engine.to_host(hidden), weights))
             parts.append(hidden)
-        return parts[0] if len(parts) == 1 else xp.concatenate(parts, axis=1)
+        return (parts[0] if len(parts) == 1 else xp.concatenate(parts, axis=1)), pooled
 
     def _ids_and_rows(self, rows: list[list]) -> tuple[np.ndarray, np.ndarray]:
         """Token ids (rows, 77) with embedding vectors numbered from vocab_size, and the extra rows they select."""

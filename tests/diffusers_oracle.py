@@ -268,3 +268,161 @@ def give_pipeline_our_noise(monkeypatch, pipeline_module, noise) -> None:
     original = pipeline_module.retrieve_latents
     monkeypatch.setattr(pipeline_module, "retrieve_latents", lambda out, generator=None, sample_mode="sample":
                         original(out, generator, sample_mode="argmax"))
+
+
+# --- SDXL ------------------------------------------------------------------------------------------------------------
+# stabilityai/stable-diffusion-xl-base-1.0 and -refiner-1.0, unet/config.json (the structure keys; the widths of the
+# tiny presets are read from the tensors and every width-derived count is scaled with them: heads stay 64 wide).
+SDXL_BASE_UNET = {
+    "act_fn": "silu", "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280],
+    "center_input_sample": False, "class_embed_type": None, "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], "downsample_padding": 1,
+    "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
+    "mid_block_scale_factor": 1, "mid_block_type": "UNetMidBlock2DCrossAttn", "norm_eps": 1e-05, "norm_num_groups": 32,
+    "out_channels": 4, "projection_class_embeddings_input_dim": 2816, "sample_size": 128,
+    "transformer_layers_per_block": [1, 2, 10], "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "upcast_attention": None, "use_linear_projection": True}
+SDXL_REFINER_UNET = {
+    **SDXL_BASE_UNET, "attention_head_dim": [6, 12, 24, 24], "block_out_channels": [384, 768, 1536, 1536],
+    "cross_attention_dim": 1280,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "projection_class_embeddings_input_dim": 2560, "transformer_layers_per_block": 4,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]}
+# vae/config.json of both (the SDXL VAE): same architecture as SD's, scaling_factor 0.13025.
+SDXL_VAE = {"act_fn": "silu", "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
+            "in_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3,
+            "sample_size": 1024, "scaling_factor": 0.13025, "up_block_types": ["UpDecoderBlock2D"] * 4,
+            "force_upcast": True}
+# text_encoder/config.json (CLIPTextModel, ViT-L/14) and text_encoder_2/config.json (CLIPTextModelWithProjection,
+# OpenCLIP ViT-bigG/14); both with the legacy special ids (eos 2: the pooled token is the argmax id).
+SDXL_TEXT_L = {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+               "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+               "layer_norm_eps": 1e-5, "projection_dim": 768, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
+SDXL_TEXT_G = {"vocab_size": 49408, "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
+               "num_attention_heads": 20, "max_position_embeddings": 77, "hidden_act": "gelu",
+               "layer_norm_eps": 1e-5, "projection_dim": 1280, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
+# scheduler/scheduler_config.json of both (EulerDiscreteScheduler), the keys every scheduler class takes.
+SCHEDULER_CONFIGS["sdxl"] = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                             "beta_schedule": "scaled_linear", "steps_offset": 1, "timestep_spacing": "leading",
+                             "prediction_type": "epsilon"}
+# model_index.json: the base zeroes an empty negative prompt; the refiner takes an aesthetic score instead.
+SDXL_PIPELINES = {"sdxl": {"force_zeros_for_empty_prompt": True},
+                  "sdxl_refiner": {"force_zeros_for_empty_prompt": False, "requires_aesthetics_score": True}}
+SDXL_EMBEDDERS = "conditioner.embedders."
+
+
+@dataclasses.dataclass
+class SDXLOracles:
+    family: str  # "sdxl" | "sdxl_refiner"
+    ldm: dict[str, torch.Tensor]
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: "torch.nn.Module | None"  # CLIPTextModel (ViT-L); None for the refiner
+    text_encoder_2: "torch.nn.Module"  # CLIPTextModelWithProjection (bigG)
+
+
+def _sdxl_unet_config(family: str, ldm: dict) -> dict:
+    config = copy.deepcopy(SDXL_BASE_UNET if family == "sdxl" else SDXL_REFINER_UNET)
+    conv_in = ldm[UNET + "input_blocks.0.0.weight"].shape
+    scale = conv_in[0] / config["block_out_channels"][0]
+    config["in_channels"] = conv_in[1]
+    config["block_out_channels"] = [int(c * scale) for c in config["block_out_channels"]]
+    config["attention_head_dim"] = [max(1, c // 64) for c in config["block_out_channels"]]
+    config["cross_attention_dim"] = ldm[UNET + "middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
+    config["projection_class_embeddings_input_dim"] = ldm[UNET + "label_emb.0.0.weight"].shape[1]
+    # transformer depth per level, from the tensors (tiny presets are shallower); level 0 of the base has none
+    depths = []
+    for level, kind in enumerate(config["down_block_types"]):
+        first = 1 + level * (config["layers_per_block"] + 1)
+        depths.append(_layer_count(ldm, re.escape(f"{UNET}input_blocks.{first}.1.") + r"transformer_blocks\.(\d+)\.")
+                      if kind.startswith("CrossAttn") else 1)
+    middle = _layer_count(ldm, re.escape(UNET + "middle_block.1.") + r"transformer_blocks\.(\d+)\.")
+    if isinstance(config["transformer_layers_per_block"], int):  # the refiner: one depth, the middle's too
+        config["transformer_layers_per_block"] = middle
+    else:
+        config["transformer_layers_per_block"] = depths[:-1] + [middle]
+    return config
+
+
+def _sdxl_text_config(values: dict, ldm: dict, prefix: str, open_clip: bool) -> CLIPTextConfig:
+    if open_clip:
+        vocab, hidden = ldm[prefix + "token_embedding.weight"].shape
+        layers = _layer_count(ldm, re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.")
+        intermediate = ldm[prefix + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
+        projection = ldm[prefix + "text_projection"].shape[1]
+    else:
+        vocab, hidden = ldm[prefix + "embeddings.token_embedding.weight"].shape
+        layers = _layer_count(ldm, re.escape(prefix) + r"encoder\.layers\.(\d+)\.")
+        intermediate = ldm[prefix + "encoder.layers.0.mlp.fc1.weight"].shape[0]
+        projection = hidden
+    return CLIPTextConfig(**{**values, "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": intermediate,
+                             "num_hidden_layers": layers, "num_attention_heads": hidden // TEXT_HEAD_WIDTH,
+                             "projection_dim": projection})
+
+
+def load_sdxl_oracles(path, family: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> SDXLOracles:
+    """diffusers' UNet2DConditionModel / AutoencoderKL and transformers' CLIPTextModel (+WithProjection) from the
+    SDXL single file at ``path``, configured as the published ``family`` ("sdxl" base or "sdxl_refiner")."""
+    from accelerate import init_empty_weights
+    from transformers import CLIPTextModelWithProjection
+
+    ldm = load_file(str(path))
+    unet_config = _sdxl_unet_config(family, ldm)
+    vae_config = {**SDXL_VAE, "block_out_channels": [
+        ldm["first_stage_model.encoder.conv_in.weight"].shape[0] * m for m in (1, 2, 4, 4)]}
+    base = family == "sdxl"
+    g_prefix = f"{SDXL_EMBEDDERS}{1 if base else 0}.model."
+    with init_empty_weights():
+        unet = UNet2DConditionModel(**unet_config)
+        vae = AutoencoderKL(**vae_config)
+        text_2 = CLIPTextModelWithProjection(_sdxl_text_config(SDXL_TEXT_G, ldm, g_prefix, open_clip=True))
+        text_1 = CLIPTextModel(_sdxl_text_config(SDXL_TEXT_L, ldm, f"{SDXL_EMBEDDERS}0.transformer.text_model.",
+                                                 open_clip=False)) if base else None
+    _assign(unet, sfu.convert_ldm_unet_checkpoint(ldm, unet_config), dtype)
+    _assign(vae, sfu.convert_ldm_vae_checkpoint(ldm, vae_config), dtype)
+    state_2 = sfu.convert_open_clip_checkpoint(text_2, ldm, prefix=g_prefix)
+    _assign(text_2, _fit_text_state(text_2, state_2), dtype)
+    modules = [unet, vae, text_2]
+    if base:
+        state_1 = sfu.convert_ldm_clip_checkpoint(ldm, remove_prefix=f"{SDXL_EMBEDDERS}0.transformer.")
+        _assign(text_1, _fit_text_state(text_1, state_1), dtype)
+        modules.append(text_1)
+    for module in modules:
+        module.to(device=device).eval().requires_grad_(False)
+    return SDXLOracles(family, ldm, unet, vae, text_1, text_2)
+
+
+def _fit_text_state(model, state: dict) -> dict:
+    """diffusers' converters emit ``text_model.*`` (and position_ids); transformers >= 5 may have flattened it."""
+    if not any(key.startswith("text_model.") for key in model.state_dict()):
+        state = {key.removeprefix("text_model."): value for key, value in state.items()}
+    expected = set(model.state_dict())
+    return {k: v for k, v in state.items() if k in expected or not k.endswith("position_ids")}
+
+
+def sdxl_tokenizers(tokenizer_dir):
+    """transformers' CLIPTokenizers as the SDXL repos ship them: tokenizer/ pads with <|endoftext|>, tokenizer_2/
+    with "!" (id 0)."""
+    from transformers import CLIPTokenizer
+
+    files = (str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"))
+    return (CLIPTokenizer(*files, model_max_length=77),
+            CLIPTokenizer(*files, model_max_length=77, pad_token="!"))
+
+
+def sdxl_pipeline(path, family: str, tokenizer_dir, scheduler, mode: str = "txt2img",
+                  dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """diffusers' StableDiffusionXL{,Img2Img,Inpaint}Pipeline (``mode``) on the SDXL single file at ``path``, with
+    the published model_index.json flags of ``family``."""
+    import diffusers
+
+    oracles = load_sdxl_oracles(path, family, dtype=dtype, device=device)
+    tokenizer, tokenizer_2 = sdxl_tokenizers(tokenizer_dir)
+    cls = {"txt2img": diffusers.StableDiffusionXLPipeline, "img2img": diffusers.StableDiffusionXLImg2ImgPipeline,
+           "inpaint": diffusers.StableDiffusionXLInpaintPipeline}[mode]
+    pipe = cls(vae=oracles.vae, text_encoder=oracles.text_encoder, text_encoder_2=oracles.text_encoder_2,
+               tokenizer=tokenizer if oracles.text_encoder is not None else None, tokenizer_2=tokenizer_2,
+               unet=oracles.unet, scheduler=scheduler, **SDXL_PIPELINES[family])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -13,7 +13,6 @@ import torch
 
 from rtsd.adapters.lora import merged, read_lora, stack_deltas
 from rtsd.adapters.lora_keys import lora_table
-from rtsd.models.loading import COMPONENT_PREFIXES
 
 
 def bake_loras(models, loras: Sequence[tuple[str | Path, float]]) -> list[dict]:
@@ -21,7 +20,7 @@ def bake_loras(models, loras: Sequence[tuple[str | Path, float]]) -> list[dict]:
     files = [(read_lora(path), float(scale)) for path, scale in loras]
     table = lora_table(models.ldm_shapes(), models.config.unet.num_res_blocks)
     per_key = stack_deltas(files, table, models.config.family)
-    parameters = {COMPONENT_PREFIXES[name] + key: value for name, module in models.components().items()
+    parameters = {models.prefixes[name] + key: value for name, module in models.components().items()
                   for key, value in module.named_parameters()}
     with torch.no_grad():
         for key, deltas in per_key.items():

@@ -4,6 +4,8 @@ Formats (detected from content, not the extension):
 - A1111 / original textual-inversion ``.pt``: ``{"string_to_param": {"*": (n, C)}, "name": ..., ...}``
 - ``.safetensors`` (kohya and A1111's safetensors export): ``{"emb_params": (n, C)}``
 - diffusers ``learned_embeds.bin`` / ``.safetensors``: ``{token: (C,) or (n, C)}``, one entry
+- SDXL ``.safetensors``: ``{"clip_l": (n, 768), "clip_g": (n, 1280)}``, joined to (n, 2048) rows for the base (the
+  refiner takes ``clip_g`` alone)
 
 The token that calls an embedding defaults to the file's stem (A1111's rule); in a prompt it matches wherever the
 name's token ids appear, longest name first. ``.pt``/``.bin`` files are read without torch (rtsd.adapters.torch_zip).
@@ -43,8 +45,11 @@ class Embedding:
                 "sha256": self.sha256}
 
 
-def read_vectors(path: str | Path) -> np.ndarray:
-    """The (n, C) float32 vectors stored in a textual-inversion file of any supported format."""
+def read_vectors(path: str | Path, sdxl_parts: Sequence[str] = ()) -> np.ndarray:
+    """The (n, C) float32 vectors stored in a textual-inversion file of any supported format.
+
+    sdxl_parts: for SDXL models, which of an SDXL file's ``clip_l`` (ViT-L) / ``clip_g`` (bigG) vectors to take, in
+    text-encoder order; they are joined along the width as the model's context joins the encoders' states."""
     path = Path(path)
     if not path.is_file():
         raise EmbeddingError(f"embedding file {path} does not exist")
@@ -60,7 +65,13 @@ def read_vectors(path: str | Path) -> np.ndarray:
     elif "emb_params" in data:
         vectors = data["emb_params"]
     elif {"clip_l", "clip_g"} <= set(data):
-        raise EmbeddingError(f"{path} is an SDXL embedding (clip_l + clip_g vectors); SDXL is not supported yet")
+        if not sdxl_parts:
+            raise EmbeddingError(f"{path} is an SDXL embedding (clip_l + clip_g vectors); use it with an SDXL model")
+        parts = [np.asarray(data[name]) for name in sdxl_parts]
+        if len({p.shape[0] for p in parts}) != 1 or any(p.ndim != 2 for p in parts):
+            raise EmbeddingError(f"{path}: clip_l and clip_g must hold the same number of vectors, got "
+                                 f"{[p.shape for p in parts]}")
+        vectors = np.concatenate(parts, axis=1)
     elif len(data) == 1 and isinstance(next(iter(data.values())), np.ndarray):
         vectors = next(iter(data.values()))  # diffusers learned_embeds: {token: vector(s)}
     else:
@@ -97,8 +108,8 @@ def _read_file(path: Path):
 class EmbeddingStore:
     """The embeddings loaded for one model: width-checked, found in prompts by their name's token ids."""
 
-    def __init__(self, width: int, family: str, encode: "callable"):
-        self.width, self.family, self._encode = width, family, encode
+    def __init__(self, width: int, family: str, encode: "callable", sdxl_parts: Sequence[str] = ()):
+        self.width, self.family, self._encode, self.sdxl_parts = width, family, encode, tuple(sdxl_parts)
         self._by_token: dict[str, Embedding] = {}
         self._by_first_id: dict[int, list[tuple[list[int], Embedding]]] = {}
 
@@ -117,7 +128,10 @@ class EmbeddingStore:
         token = path.stem if token is None else token
         if not isinstance(token, str) or not token.strip():
             raise EmbeddingError(f"the token for {path} must be a non-empty string, got {token!r}")
-        vectors = read_vectors(path)
+        vectors = read_vectors(path, self.sdxl_parts)
+        if self.sdxl_parts and vectors.shape[1] != self.width:
+            raise EmbeddingError(f"{path.name} is not an SDXL embedding ({vectors.shape[1]}-d vectors; this "
+                                 f"{self.family} model needs clip_l/clip_g vectors of {self.width} in all)")
         if vectors.shape[1] != self.width:
             made_for = FAMILIES_BY_WIDTH.get(vectors.shape[1], f"a model with {vectors.shape[1]}-d text embeddings")
             raise EmbeddingError(f"{path.name} was made for {made_for}: its vectors are {vectors.shape[1]}-d, this "

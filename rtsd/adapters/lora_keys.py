@@ -22,7 +22,8 @@ Shape = tuple[int, ...]
 _RESNET_FROM_LDM = {"in_layers.2": "conv1", "emb_layers.1": "time_emb_proj", "out_layers.3": "conv2",
                     "skip_connection": "conv_shortcut", "in_layers.0": "norm1", "out_layers.0": "norm2"}
 _UNET_DIRECT = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
-                "input_blocks.0.0": "conv_in", "out.2": "conv_out", "out.0": "conv_norm_out"}
+                "input_blocks.0.0": "conv_in", "out.2": "conv_out", "out.0": "conv_norm_out",
+                "label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2"}  # SDXL
 _OPEN_CLIP_LAYER = {"attn.out_proj": "self_attn.out_proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
 _QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 
@@ -50,17 +51,27 @@ def lora_table(shapes: Mapping[str, Shape], num_res_blocks: int) -> dict[str, Ta
             table["text_encoder.text_model." + key[len(CLIP_PREFIX):-len(".weight")]] = \
                 Target(key, shape, component="text_encoder")
         elif m := re.match(re.escape(OPEN_CLIP_PREFIX) + r"transformer\.resblocks\.(\d+)\.(.+)$", key):
-            prefix = f"text_encoder.text_model.encoder.layers.{m[1]}."
-            module = m[2].removesuffix(".weight")
-            if module in _OPEN_CLIP_LAYER:
-                table[prefix + _OPEN_CLIP_LAYER[module]] = Target(key, shape, component="text_encoder")
-            elif module == "attn.in_proj_weight":
-                width = shape[0] // 3
-                for i, name in enumerate(_QKV):
-                    table[prefix + name] = Target(key, (width, shape[1]), (i * width, (i + 1) * width),
-                                                  "text_encoder")
+            _open_clip_entries(table, "text_encoder", m[1], m[2], key, shape)
+        # SDXL (both in the one text-encoder engine): ViT-L is diffusers' text_encoder, bigG its text_encoder_2
+        elif m := re.match(r"conditioner\.embedders\.\d+\.transformer\.text_model\.(.+)\.weight$", key):
+            table["text_encoder.text_model." + m[1]] = Target(key, shape, component="text_encoder")
+        elif m := re.match(r"conditioner\.embedders\.\d+\.model\.transformer\.resblocks\.(\d+)\.(.+)$", key):
+            _open_clip_entries(table, "text_encoder_2", m[1], m[2], key, shape)
     _check_round_trip(unet, table)
     return table
+
+
+def _open_clip_entries(table: dict[str, Target], encoder: str, layer: str, module: str, key: str,
+                       shape: Shape) -> None:
+    """An OpenCLIP resblock weight under its transformers CLIPTextModel name(s) (packed q/k/v: three row ranges)."""
+    prefix = f"{encoder}.text_model.encoder.layers.{layer}."
+    module = module.removesuffix(".weight")
+    if module in _OPEN_CLIP_LAYER:
+        table[prefix + _OPEN_CLIP_LAYER[module]] = Target(key, shape, component="text_encoder")
+    elif module == "attn.in_proj_weight":
+        width = shape[0] // 3
+        for i, name in enumerate(_QKV):
+            table[prefix + name] = Target(key, (width, shape[1]), (i * width, (i + 1) * width), "text_encoder")
 
 
 def _unet_diffusers_path(module: str, layers: int, unet: Mapping[str, Shape]) -> str:
@@ -99,12 +110,18 @@ def _check_round_trip(unet: Mapping[str, Shape], table: Mapping[str, Target]) ->
 
 
 def kohya_names(table: Mapping[str, Target]) -> dict[str, str]:
-    """kohya/A1111 module name (``lora_unet_…`` / ``lora_te_…``) -> diffusers module path in ``table``."""
+    """kohya/A1111 module name (``lora_unet_…`` / ``lora_te_…``) -> diffusers module path in ``table``.
+
+    SDXL (a table with ``text_encoder_2``): ``lora_te1_`` / ``lora_te2_``, and the UNet also under its sgm (LDM)
+    module names, which kohya's SDXL trainer writes (``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``)."""
+    sdxl = any(path.startswith("text_encoder_2.") for path in table)
+    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if sdxl else "lora_te_", "text_encoder_2": "lora_te2_"}
     names = {}
-    for path in table:
+    for path, target in table.items():
         component, _, rest = path.partition(".")
-        prefix = "lora_unet_" if component == "unet" else "lora_te_"
-        names[prefix + rest.replace(".", "_")] = path
+        names[prefixes[component] + rest.replace(".", "_")] = path
+        if sdxl and component == "unet" and target.key.startswith(UNET_PREFIX):
+            names["lora_unet_" + target.key[len(UNET_PREFIX):-len(".weight")].replace(".", "_")] = path
     return names
 
 
@@ -115,8 +132,9 @@ def peft_module(name: str) -> str:
     name = re.sub(r"\.processor\.(to_[qkv])_lora$", r".\1", name)
     name = re.sub(r"\.processor\.to_out_lora$", ".to_out.0", name)
     name = re.sub(r"_lora$", "", name)  # text encoder: self_attn.q_proj_lora (older diffusers)
-    if not name.startswith(("unet.", "text_encoder.")):
+    if not name.startswith(("unet.", "text_encoder.", "text_encoder_2.")):
         name = "unet." + name  # diffusers writes UNet-only files without the prefix
-    if name.startswith("text_encoder.") and not name.startswith("text_encoder.text_model."):
-        name = "text_encoder.text_model." + name[len("text_encoder."):]  # transformers >= 5 drops text_model.
+    for encoder in ("text_encoder.", "text_encoder_2."):
+        if name.startswith(encoder) and not name.startswith(encoder + "text_model."):
+            name = encoder + "text_model." + name[len(encoder):]  # transformers >= 5 drops text_model.
     return name

@@ -52,7 +52,8 @@ class TorchEngine:
             args.append(value.to(self.dtype) if t.dtype.startswith("float") else value)
         with torch.inference_mode():
             out = self.module(*args)
-        return {self.spec.outputs[0].name: out.float()}
+        outs = out if isinstance(out, tuple) else (out,)  # SDXL's text encoder: (context, pooled)
+        return {t.name: o.float() for t, o in zip(self.spec.outputs, outs)}
 
     def to_host(self, array) -> np.ndarray:
         return array.detach().float().cpu().numpy()

@@ -1,6 +1,6 @@
 """engine_dir/manifest.json: the self-describing contract between the exporter and every runtime (Python or C++).
 
-Layout (format_version 3; versions 1 and 2 still load: see below for what each lacks):
+Layout (format_version 4; versions 1 to 3 still load: see below for what each lacks):
 
     format_version, rtsd_version, created
     source: {checkpoint, sha256, format}
@@ -30,6 +30,16 @@ says how hosts build the context. Format 1 directories still load: their engines
 token ids, so prompts of up to 75 tokens run as before (with the A1111 syntax, which works on the encoder's
 output), and longer prompts or embeddings are refused with a message to re-export.
 
+Format 4 (SDXL): ``model`` gains ``text_encoder_2`` (OpenCLIP bigG beside ViT-L, or null), ``default_size``
+(generate's default height/width), ``zeros_for_empty_prompt`` (diffusers' force_zeros_for_empty_prompt) and, in
+``unet``, ``transformer_depth_levels``, ``adm_in_channels``, ``time_id_embed_dim``; ``text_encoder`` gains
+``final_norm`` and ``projection_dim``. For SDXL families the text encoder has a second output ``text_embeds``
+(rows, pooled width), and its ``extra_embeddings`` rows are as wide as the context (clip_l | clip_g columns, one
+per encoder); the UNet takes ``text_embeds`` and ``time_ids`` (rows,
+6 for the base: original size, crop top-left, target size as (h, w) pairs; 5 for the refiner: original size, crop,
+aesthetic score). ``components[vae_*]["onnx"]["precision_note"]`` says why a VAE stayed fp32 in an fp16 export.
+Older directories load unchanged: the new config fields default to SD 1.x/2.x behaviour.
+
 NumPy/stdlib only: the torch-free runtime reads it.
 """
 
@@ -46,10 +56,11 @@ from rtsd.config import ModelConfig
 from rtsd.errors import EngineDirError
 from rtsd.export.specs import CHUNK_TOKENS, COMPONENTS, IOSpec, ShapeRange, prompt_contract
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 # 1: before long prompts and textual inversion (one 77-token chunk, token ids only) and LoRA switching;
-# 2: long prompts and textual inversion, no weights map (generation works, LoRA switching asks to re-export).
-READABLE_VERSIONS = (1, 2, FORMAT_VERSION)
+# 2: long prompts and textual inversion, no weights map (generation works, LoRA switching asks to re-export);
+# 3: LoRA weights map, before SDXL (SD 1.x/2.x directories of format 3 read exactly as before).
+READABLE_VERSIONS = (1, 2, 3, FORMAT_VERSION)
 MANIFEST_NAME = "manifest.json"
 
 

@@ -27,16 +27,16 @@ def _wrappers():
             super().__init__()
             self.text_encoder = models.text_encoder
 
-        def forward(self, input_ids, extra_embeddings):
-            return self.text_encoder(input_ids, extra_embeddings)
+        def forward(self, input_ids, *extra_embeddings):  # SDXL: no extra_embeddings; (context, pooled) out
+            return self.text_encoder(input_ids, *extra_embeddings)
 
     class UNet(torch.nn.Module):
         def __init__(self, models):
             super().__init__()
             self.unet = models.unet
 
-        def forward(self, sample, timestep, encoder_hidden_states):
-            return self.unet(sample, timestep, encoder_hidden_states)
+        def forward(self, sample, timestep, encoder_hidden_states, *added_conditions):  # SDXL: text_embeds, time_ids
+            return self.unet(sample, timestep, encoder_hidden_states, *added_conditions)
 
     class VAEDecoder(torch.nn.Module):
         """Latents in UNet space -> images in [0, 1] (the runtime only converts to uint8)."""
@@ -62,8 +62,30 @@ def _wrappers():
 
 
 def component_module(models, component: str):
-    """The torch module whose ONNX graph is ``component``: the reference model plus the I/O conventions of the spec."""
-    return _wrappers()[component](models).eval()
+    """The torch module whose ONNX graph is ``component``: the reference model plus the I/O conventions of the spec.
+
+    Half-precision models are wrapped so the graph keeps the spec's float32 inputs and outputs (casts inside it):
+    tracing a full-size SDXL UNet in fp16 needs half the memory of tracing it in fp32 and converting afterwards."""
+    import torch
+
+    module = _wrappers()[component](models).eval()
+    dtype = next(module.parameters()).dtype
+    return module if dtype == torch.float32 else _Float32IO(module, dtype).eval()
+
+
+def _Float32IO(module, dtype):
+    import torch
+
+    class Float32IO(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.dtype = module, dtype
+
+        def forward(self, *args):
+            out = self.inner(*(a.to(self.dtype) if a.is_floating_point() else a for a in args))
+            return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
+
+    return Float32IO()
 
 
 def export_component(models, component: str, path: str | Path, shape_range: ShapeRange = ShapeRange(),
@@ -83,8 +105,9 @@ def export_component(models, component: str, path: str | Path, shape_range: Shap
     feeds = spec.sample_inputs(rows=2, height=shape_range.min_size, width=shape_range.min_size, chunks=2)
     dtype = next(module.parameters()).dtype
     device = next(module.parameters()).device
-    args = tuple(torch.from_numpy(feeds[t.name]).to(device=device, dtype=dtype if t.dtype.startswith("float") else None)
-                 for t in spec.inputs)
+    if dtype == torch.float16 and precision != "fp16":
+        raise ValueError(f"{component}: the reference models are fp16; export them with precision='fp16'")
+    args = tuple(torch.from_numpy(feeds[t.name]).to(device=device) for t in spec.inputs)  # the spec's I/O dtypes
     # The tracer writes > 2 GB models as one file per tensor: keep them in a scratch folder removed afterwards.
     scratch = Path(tempfile.mkdtemp(prefix=f".{component}-trace-", dir=path.parent))
     try:
@@ -95,7 +118,9 @@ def export_component(models, component: str, path: str | Path, shape_range: Shap
                               output_names=[t.name for t in spec.outputs], dynamic_axes=spec.dynamic_axes(),
                               opset_version=opset, do_constant_folding=weights_map is None, dynamo=False)
         parameters = _lora_parameters(models, component) if weights_map is not None else None
-        return clean_up(raw, path, precision=precision, parameters=parameters, weights_map=weights_map)
+        # A model traced in fp16 is fp16 already: no float32 -> float16 conversion (and no second copy for it).
+        convert = "fp32" if dtype == torch.float16 else precision
+        return clean_up(raw, path, precision=convert, parameters=parameters, weights_map=weights_map)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -103,10 +128,8 @@ def export_component(models, component: str, path: str | Path, shape_range: Shap
 def _lora_parameters(models, component: str) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Graph parameter name -> (checkpoint key, shape) for every weight a LoRA can address in ``component``."""
     from rtsd.adapters.lora_keys import lora_table
-    from rtsd.models.loading import COMPONENT_PREFIXES
-
     shapes = models.ldm_shapes()
-    prefix = COMPONENT_PREFIXES[component] if component in COMPONENT_PREFIXES else None
+    prefix = models.prefixes.get(component)
     keys = {t.key for t in lora_table(shapes, models.config.unet.num_res_blocks).values()}
     return {f"{component}.{key[len(prefix):]}": (key, shapes[key]) for key in sorted(keys)
             if prefix and key.startswith(prefix)}

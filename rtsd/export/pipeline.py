@@ -74,7 +74,8 @@ def _export(checkpoint, output: Path, shape_range: ShapeRange, precision: str, b
         if clip_skip is not None:
             config = _with_clip_skip(models, config, clip_skip)
         say(f"      {config.family}, prediction type {chosen} ({origin}), "
-            f"text layer {config.text_encoder.output_layer} (clip skip {-config.text_encoder.output_layer})")
+            f"text layer {config.text_encoder.output_layer} (clip skip {-config.text_encoder.output_layer})"
+            + (f", VAE scale {config.vae.scaling_factor}" if config.family.startswith("sdxl") else ""))
     baked = []
     if loras:
         from rtsd.adapters.bake import bake_loras
@@ -91,13 +92,17 @@ def _export(checkpoint, output: Path, shape_range: ShapeRange, precision: str, b
         specs = specs_for(config, shape_range)
         records = {}
         for name in components:
-            with stage(f"exporting {name} to ONNX ({precision})"):
+            component_precision, note = _component_precision(config, name, precision)
+            with stage(f"exporting {name} to ONNX ({component_precision})"):
+                if note:
+                    say(f"      {note}")
                 weights_map = {} if name in LORA_COMPONENTS else None  # what LoRA switching and refit follow
-                files = export_component(models, name, work / f"{name}.onnx", shape_range, precision=precision,
-                                         weights_map=weights_map)
+                files = export_component(models, name, work / f"{name}.onnx", shape_range,
+                                         precision=component_precision, weights_map=weights_map)
                 records[name] = {
                     "onnx": {"file": files[0].name, "data_files": [f.name for f in files[1:]],
-                             "sha256": _sha256_remembered(files[0]), "precision": precision,
+                             "sha256": _sha256_remembered(files[0]), "precision": component_precision,
+                             **({"precision_note": note} if note else {}),
                              "data_sha256": {f.name: _sha256_remembered(f) for f in files[1:]}},
                     "io": specs[name].to_dict(), "profile": _profile_json(specs[name].profile(shape_range)),
                     "engines": {}, **({"weights_map": weights_map} if weights_map is not None else {})}
@@ -112,7 +117,7 @@ def _export(checkpoint, output: Path, shape_range: ShapeRange, precision: str, b
             from rtsd.export.tensorrt import build_engines
 
             with stage("building TensorRT engines (fp16)"):
-                build_engines(work, manifest, progress=say, **(tensorrt_options or {}))
+                build_engines(work, manifest, progress=say, **tensorrt_build_options(config, tensorrt_options))
         if check:
             with stage(f"checking every engine against the PyTorch reference ({shape_range.min_size} px)"):
                 _check_parity(work, models, backend, shape_range)
@@ -145,6 +150,26 @@ def _check_parity(work: Path, models, backend: str, shape_range: ShapeRange) -> 
                         f"was written; `rtsd export ... --no-check` keeps them anyway")
 
 
+SDXL_VAE_NOTE = ("fp32: the SDXL VAE overflows in fp16 (NaN/black images); the fp16-fix VAE has the same tensor "
+                 "shapes, so rtsd cannot tell it apart and keeps every SDXL VAE in fp32")
+
+
+def tensorrt_build_options(config, options: dict | None) -> dict:
+    """build_engines options: SDXL's VAE engines are always built in fp32 (it overflows in fp16)."""
+    options = dict(options or {})
+    if config.family.startswith("sdxl"):
+        options["fp32_components"] = tuple(sorted({*(options.get("fp32_components") or ()),
+                                                   "vae_decoder", "vae_encoder"}))
+    return options
+
+
+def _component_precision(config, name: str, precision: str) -> tuple[str, str]:
+    """(precision, note): SDXL's VAE stays fp32 in an fp16 export, and the manifest and log say why."""
+    if precision == "fp16" and name.startswith("vae") and config.family.startswith("sdxl"):
+        return "fp32", SDXL_VAE_NOTE
+    return precision, ""
+
+
 def _check_request(output: Path, overwrite: bool, precision: str, backend: str, prediction_type: str | None) -> None:
     check_output(output, overwrite)
     if precision not in ("fp32", "fp16"):
@@ -164,6 +189,9 @@ def _with_clip_skip(models, config, clip_skip: int):
     """Rebuild the reference text encoder to stop at layer -clip_skip (same weights); return the updated config."""
     from rtsd.models.text_encoder import build_text_encoder
 
+    if config.pooled_dim:
+        raise ValueError("clip skip is not supported for SDXL (both text encoders are fixed at the penultimate "
+                         "layer, as SDXL was trained); drop --clip-skip")
     layers = config.text_encoder.num_layers
     if not 1 <= clip_skip <= layers:
         raise ValueError(f"clip skip must be 1..{layers} for this text encoder, got {clip_skip}")

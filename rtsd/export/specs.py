@@ -219,6 +219,8 @@ class IOSpec:
                 feeds[spec.name] = ids.astype(spec.dtype)
             elif spec.name == "timestep":
                 feeds[spec.name] = np.full(shape, 999.0 * rng.random(), dtype=spec.dtype)
+            elif spec.name == "time_ids":  # sizes and crops in pixels (the refiner's aesthetic score: ~6)
+                feeds[spec.name] = rng.integers(0, 1024, size=shape).astype(spec.dtype)
             elif spec.name == "images":
                 feeds[spec.name] = rng.random(shape, dtype=np.float32).astype(spec.dtype)
             else:
@@ -246,22 +248,27 @@ def extra_rows(shape_range: ShapeRange, batch_factor: int = 2) -> int:
 def specs_for(config: ModelConfig, shape_range: ShapeRange | None = None) -> dict[str, IOSpec]:
     """The four sub-model contracts for one model configuration (``shape_range`` sizes ``extra_embeddings``)."""
     te, unet, vae = config.text_encoder, config.unet, config.vae
-    seq, width, f = te.max_position_embeddings, te.hidden_size, vae.downsample_factor
+    seq, width, f = te.max_position_embeddings, config.context_dim, vae.downsample_factor
     latent = ("batch", vae.embed_dim, "latent_height", "latent_width")
     image = ("batch", 3, "height", "width")
     extra = extra_rows(shape_range or ShapeRange())
+    # SDXL: the pooled text embedding (text encoder output, UNet input) and the time ids (UNet input). Its
+    # extra_embeddings rows are as wide as the context: each encoder takes its own columns (clip_l | clip_g).
+    pooled = (TensorSpec("text_embeds", "float32", ("batch", config.pooled_dim)),) if config.pooled_dim else ()
+    added = pooled + ((TensorSpec("time_ids", "float32", ("batch", config.num_time_ids)),) if pooled else ())
+    extra_input = (TensorSpec("extra_embeddings", "float32", (extra, width)),)
     return {
         "text_encoder": IOSpec(
             "text_encoder",
-            inputs=(TensorSpec("input_ids", "int64", ("batch", seq)),
-                    TensorSpec("extra_embeddings", "float32", (extra, width))),
-            outputs=(TensorSpec("hidden_states", "float32", ("batch", seq, width)),),
+            inputs=(TensorSpec("input_ids", "int64", ("batch", seq)), *extra_input),
+            outputs=(TensorSpec("hidden_states", "float32", ("batch", seq, width)), *pooled),
             batch_factor=2, downsample=f),
         "unet": IOSpec(
             "unet",
             inputs=(TensorSpec("sample", "float32", ("batch", unet.in_channels, "latent_height", "latent_width")),
                     TensorSpec("timestep", "float32", ("batch",)),
-                    TensorSpec("encoder_hidden_states", "float32", ("batch", CONTEXT_AXIS, unet.context_dim))),
+                    TensorSpec("encoder_hidden_states", "float32", ("batch", CONTEXT_AXIS, unet.context_dim)),
+                    *added),
             outputs=(TensorSpec("model_output", "float32", ("batch", unet.out_channels, "latent_height", "latent_width")),),
             batch_factor=2, downsample=f),
         # The decoder maps to [0, 1] and the encoder takes [0, 1], so hosts never redo the VAE's [-1, 1] convention.
@@ -279,7 +286,7 @@ def prompt_contract(config: ModelConfig, shape_range: ShapeRange, text_spec: IOS
     ``text_spec``: the text encoder's declared I/O, whose extra_embeddings rows it quotes."""
     te = config.text_encoder
     spec = text_spec or specs_for(config, shape_range)["text_encoder"]
-    rows = next(t.shape[0] for t in spec.inputs if t.name == "extra_embeddings")
+    rows = next((t.shape[0] for t in spec.inputs if t.name == "extra_embeddings"), 0)
     return {
         "chunk_length": CHUNK_LENGTH, "chunk_tokens": CHUNK_TOKENS, "max_chunks": shape_range.max_chunks,
         "max_prompt_tokens": shape_range.max_prompt_tokens, "context_axis": CONTEXT_AXIS,

@@ -12,6 +12,8 @@ from torch import nn
 
 from rtsd.config import ModelConfig
 from rtsd.errors import CheckpointError
+from rtsd.detection import component_prefixes
+from rtsd.models.sdxl_text import SDXLTextEncoder
 from rtsd.models.text_encoder import UNUSED_TEXT_KEYS, LayerStackEncoder, build_text_encoder
 from rtsd.models.unet import UNetModel
 from rtsd.models.vae import AutoencoderKL
@@ -37,8 +39,14 @@ SCHEDULE_KEYS = (
     "posterior_mean_coef1",
     "posterior_mean_coef2",
 )
+# SDXL (sgm) files: CLIP's position_ids buffer and OpenCLIP's contrastive temperature, under either embedder index.
+SDXL_UNUSED_TEXT_KEYS = tuple(
+    f"conditioner.embedders.{index}.{key}"
+    for index in (0, 1)
+    for key in ("transformer.text_model.embeddings.position_ids", "model.logit_scale")
+)
 # Keys a complete checkpoint may carry that no reference network reads; everything else must match exactly.
-IGNORED_KEYS = frozenset(SCHEDULE_KEYS + UNUSED_TEXT_KEYS)
+IGNORED_KEYS = frozenset(SCHEDULE_KEYS + UNUSED_TEXT_KEYS + SDXL_UNUSED_TEXT_KEYS)
 _MAX_LISTED = 8
 
 
@@ -49,7 +57,11 @@ class ReferenceModels:
     config: ModelConfig
     unet: UNetModel
     vae: AutoencoderKL
-    text_encoder: LayerStackEncoder
+    text_encoder: LayerStackEncoder | SDXLTextEncoder
+
+    @property
+    def prefixes(self) -> dict[str, str]:
+        return component_prefixes(self.config)
 
     @functools.cached_property
     def tokenizer(self):
@@ -69,7 +81,7 @@ class ReferenceModels:
     def ldm_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor these networks expect, by its LDM checkpoint key."""
         return {
-            COMPONENT_PREFIXES[name] + key: tuple(value.shape)
+            self.prefixes[name] + key: tuple(value.shape)
             for name, module in self.components().items()
             for key, value in module.state_dict().items()
         }
@@ -79,16 +91,14 @@ def build_models(
     config: ModelConfig, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
 ) -> ReferenceModels:
     """Randomly initialised networks for ``config`` (``device="meta"`` allocates nothing: names and shapes only)."""
-    if config.unet.context_dim != config.text_encoder.hidden_size:
-        raise ValueError(
-            f"UNet context_dim {config.unet.context_dim} != text encoder hidden_size {config.text_encoder.hidden_size}"
-        )
+    if config.unet.context_dim != config.context_dim:
+        raise ValueError(f"UNet context_dim {config.unet.context_dim} != text encoder hidden size {config.context_dim}")
     with torch.device(device):
         models = ReferenceModels(
             config=config,
             unet=UNetModel(config.unet),
             vae=AutoencoderKL(config.vae),
-            text_encoder=build_text_encoder(config.text_encoder),
+            text_encoder=_text_encoder(config),
         )
     for module in models.components().values():
         module.to(dtype=dtype).eval().requires_grad_(False)
@@ -127,7 +137,7 @@ def fit_text_layers(models: ReferenceModels, keys: Iterable[str]) -> None:
     diffusers' SD 2.x folders store OpenCLIP without its last layer; conditioning on the penultimate one does not
     need it. Every other tensor stays required.
     """
-    prefix = COMPONENT_PREFIXES["text_encoder"]
+    prefix = models.prefixes["text_encoder"]
     models.text_encoder.fit_stored_layers(key[len(prefix) :] for key in keys if key.startswith(prefix))
 
 
@@ -140,7 +150,7 @@ def load_state(models: ReferenceModels, tensors: Mapping[str, torch.Tensor], sou
     fit_text_layers(models, tensors)
     check_state_shapes(models, {key: tuple(t.shape) for key, t in tensors.items()}, source)
     for name, module in models.components().items():
-        prefix = COMPONENT_PREFIXES[name]
+        prefix = models.prefixes[name]
         state = {
             key[len(prefix) :]: t for key, t in tensors.items() if key.startswith(prefix) and key not in IGNORED_KEYS
         }
@@ -170,8 +180,15 @@ def load_checkpoint(
     return models.to(device=device)
 
 
+def _text_encoder(config: ModelConfig) -> LayerStackEncoder | SDXLTextEncoder:
+    if config.unet.adm_in_channels:
+        return SDXLTextEncoder(config.text_encoders)
+    return build_text_encoder(config.text_encoder)
+
+
 def config_name(config: ModelConfig) -> str:
-    return {"sd1": "SD 1.x", "sd2": "SD 2.x"}.get(config.family, config.family)
+    return {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sdxl_refiner": "SDXL refiner"}.get(
+        config.family, config.family)
 
 
 def _listing(items: list[str], noun: str, plural: str | None = None) -> str:

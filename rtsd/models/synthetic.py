@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from rtsd.config import ModelConfig, SchedulerDefaults, TextEncoderConfig, UNetConfig, VAEConfig
-from rtsd.models.loading import COMPONENT_PREFIXES, SCHEDULE_KEYS, build_models
+from rtsd.models.loading import COMPONENT_PREFIXES, SCHEDULE_KEYS, build_models, component_prefixes
 
 # 12 layers as in ViT-L/14 (the key set is SD 1.5's); 128 wide = two of the 64-wide heads detection assumes.
 _TINY_TEXT = {"hidden_size": 128, "num_layers": 12, "num_heads": 2, "intermediate_size": 512}
@@ -71,6 +71,47 @@ def _inpainting(config: ModelConfig) -> ModelConfig:
 PRESETS["tiny-inpaint"] = _inpainting(PRESETS["tiny"])
 PRESETS["tiny-sd2-inpaint"] = _inpainting(PRESETS["tiny-sd2"])
 
+# SDXL (sgm configs sd_xl_base.yaml / sd_xl_refiner.yaml): 64-wide heads, Linear proj_in/out, no attention at the
+# first level, per-level transformer depth; CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 on their penultimate layer without
+# the final norm; bigG pads with "!" (0) and projects its pooled output; VAE scale 0.13025.
+_SDXL_UNET = {"num_heads": -1, "num_head_channels": 64, "use_linear_in_transformer": True,
+              "attention_resolutions": (4, 2)}
+_SDXL_CLIP_L = {"kind": "clip", "output_layer": -2, "final_norm": False}
+_SDXL_BIGG = {**_OPEN_CLIP, "final_norm": False}
+_SDXL = {"default_size": 1024, "vae": VAEConfig(scaling_factor=0.13025)}
+
+
+def _sdxl_base(mc: int, depths: tuple[int, ...], clip_l: TextEncoderConfig, big_g: TextEncoderConfig) -> ModelConfig:
+    """The base: 3 levels, two text encoders, added conditions = pooled + 6 time ids x 256."""
+    unet = UNetConfig(model_channels=mc, channel_mult=(1, 2, 4), transformer_depth=depths[-1],
+                      transformer_depth_levels=depths, context_dim=clip_l.hidden_size + big_g.hidden_size,
+                      adm_in_channels=big_g.projection_dim + 6 * 256, **_SDXL_UNET)
+    return ModelConfig(family="sdxl", unet=unet, text_encoder=clip_l, text_encoder_2=big_g,
+                       zeros_for_empty_prompt=True, **_SDXL)
+
+
+def _sdxl_refiner(mc: int, depth: int, big_g: TextEncoderConfig) -> ModelConfig:
+    """The refiner: 4 levels, attention in the middle two, bigG alone, pooled + 5 time ids (aesthetic score)."""
+    unet = UNetConfig(model_channels=mc, channel_mult=(1, 2, 4, 4), transformer_depth=depth,
+                      transformer_depth_levels=(0, depth, depth, 0), context_dim=big_g.hidden_size,
+                      adm_in_channels=big_g.projection_dim + 5 * 256, **_SDXL_UNET)
+    return ModelConfig(family="sdxl_refiner", unet=unet, text_encoder=big_g, **_SDXL)
+
+
+_BIG_G = TextEncoderConfig(hidden_size=1280, num_layers=32, num_heads=20, intermediate_size=5120,
+                           projection_dim=1280, **_SDXL_BIGG)
+_TINY_BIG_G = TextEncoderConfig(hidden_size=128, num_layers=6, num_heads=2, intermediate_size=512,
+                                projection_dim=128, **_SDXL_BIGG)
+_TINY_CLIP_L = TextEncoderConfig(hidden_size=64, num_layers=12, num_heads=1, intermediate_size=256, **_SDXL_CLIP_L)
+# Exactly SDXL base 1.0 / refiner 1.0.
+PRESETS["sdxl"] = _sdxl_base(320, (0, 2, 10), TextEncoderConfig(**_SDXL_CLIP_L), _BIG_G)
+PRESETS["sdxl-refiner"] = _sdxl_refiner(384, 4, _BIG_G)
+# Their block structure with few channels and layers (depths differ per level, as in the real base).
+_TINY_VAE = {"vae": VAEConfig(ch=32, scaling_factor=0.13025)}
+PRESETS["tiny-sdxl"] = dataclasses.replace(_sdxl_base(32, (0, 1, 2), _TINY_CLIP_L, _TINY_BIG_G), **_TINY_VAE)
+PRESETS["tiny-sdxl-refiner"] = dataclasses.replace(_sdxl_refiner(32, 2, _TINY_BIG_G), **_TINY_VAE)
+PRESETS["tiny-sdxl-inpaint"] = _inpainting(PRESETS["tiny-sdxl"])
+
 _SAFETENSORS_DTYPES = {
     torch.float32: "F32",
     torch.float16: "F16",
@@ -100,13 +141,17 @@ def checkpoint_specs(preset: str | ModelConfig, dtype: torch.dtype = torch.float
     """Every tensor a real single-file checkpoint of this architecture holds, in file order (sorted keys)."""
     config = preset_config(preset)
     models = build_models(config, device="meta")
+    prefixes = component_prefixes(config)
     specs = []
     for name, component in models.components().items():
         for module_name, module in component.named_modules():
             for param_name, param in module.named_parameters(recurse=False):
-                key = f"{COMPONENT_PREFIXES[name]}{module_name}.{param_name}"
+                key = f"{prefixes[name]}{module_name}.{param_name}"
                 specs.append(TensorSpec(key, tuple(param.shape), dtype, _init_kind(module, param_name)))
-    specs += _text_extras(config.text_encoder, dtype)
+    if config.unet.adm_in_channels:
+        specs += _sdxl_text_extras(config, dtype)
+    else:
+        specs += _text_extras(config.text_encoder, dtype)
     specs += [TensorSpec(key, (config.scheduler.num_train_timesteps,), dtype, "schedule") for key in SCHEDULE_KEYS]
     return sorted(specs, key=lambda spec: spec.key)
 
@@ -170,6 +215,8 @@ def _init_kind(module: nn.Module, param_name: str) -> str:
         return "bias"
     if isinstance(module, nn.Embedding) or param_name == "positional_embedding":
         return "embedding"
+    if param_name == "text_projection":  # used as x @ P: scaled by its input width (dim 0), not by dim 1
+        return "projection"
     return "fan_in"  # Linear / Conv2d weights and OpenCLIP's packed in_proj_weight
 
 
@@ -183,6 +230,19 @@ def _text_extras(config: TextEncoderConfig, dtype: torch.dtype) -> list[TensorSp
         TensorSpec(prefix + "logit_scale", (), dtype, "logit_scale"),
         TensorSpec(prefix + "text_projection", (config.hidden_size, config.hidden_size), dtype, "fan_in"),
     ]
+
+
+def _sdxl_text_extras(config: ModelConfig, dtype: torch.dtype) -> list[TensorSpec]:
+    """What sgm files carry beside SDXL's text networks: ViT-L's position_ids, bigG's logit_scale."""
+    specs = []
+    for index, te in enumerate(config.text_encoders):
+        prefix = f"conditioner.embedders.{index}."
+        if te.kind == "clip":
+            key = prefix + "transformer.text_model.embeddings.position_ids"
+            specs.append(TensorSpec(key, (1, te.max_position_embeddings), torch.int64, "position_ids"))
+        else:
+            specs.append(TensorSpec(prefix + "model.logit_scale", (), dtype, "logit_scale"))
+    return specs
 
 
 def _seed_for(seed: int, key: str) -> int:
@@ -203,6 +263,8 @@ def _generate(spec: TensorSpec, seed: int, schedule: dict[str, torch.Tensor]) ->
     noise = torch.randn(spec.shape, generator=generator, dtype=torch.float32)
     if spec.init == "fan_in":
         values = noise / math.sqrt(math.prod(spec.shape[1:]))
+    elif spec.init == "projection":
+        values = noise / math.sqrt(spec.shape[0])
     elif spec.init == "norm_weight":
         values = 1.0 + 0.05 * noise
     elif spec.init == "bias":

@@ -200,7 +200,7 @@ class CLIPTextEncoder(LayerStackEncoder):
         x = model.embeddings(input_ids, extra_embeddings)
         for layer in model.encoder.layers[: self.num_layers_run]:
             x = layer(x)
-        return model.final_layer_norm(x)
+        return model.final_layer_norm(x) if self.config.final_norm else x
 
 
 # ---------------------------------------------------------------------------------------------- OpenCLIP (SD 2.x)
@@ -266,6 +266,10 @@ class OpenCLIPTextModel(nn.Module):
             nn.init.normal_(self.positional_embedding, std=0.01)
         self.transformer = OpenCLIPTransformer(config)
         self.ln_final = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        if config.projection_dim:  # SDXL's ViT-bigG: the pooled output's projection (x @ text_projection)
+            self.text_projection = nn.Parameter(torch.empty(config.hidden_size, config.projection_dim))
+            if not self.text_projection.is_meta:
+                nn.init.normal_(self.text_projection, std=config.hidden_size**-0.5)
 
 
 class OpenCLIPTextEncoder(LayerStackEncoder):
@@ -285,7 +289,26 @@ class OpenCLIPTextEncoder(LayerStackEncoder):
         x = tokens + self.model.positional_embedding[: input_ids.shape[1]]
         for block in self.model.transformer.resblocks[: self.num_layers_run]:
             x = block(x)
-        return self.model.ln_final(x)
+        return self.model.ln_final(x) if self.config.final_norm else x
+
+    def hidden_and_pooled(
+        self, input_ids: torch.Tensor, extra_embeddings: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDXL: the output layer's hidden states and the pooled vector (every layer, ln_final, the row of the highest
+        id, times text_projection), in one pass over the layers."""
+        tokens = embed_tokens(self.model.token_embedding, input_ids, extra_embeddings)
+        x = tokens + self.model.positional_embedding[: input_ids.shape[1]]
+        hidden = x
+        for index, block in enumerate(self.model.transformer.resblocks):
+            x = block(x)
+            if index == self.num_layers_run - 1:
+                hidden = x
+        hidden = self.model.ln_final(hidden) if self.config.final_norm else hidden
+        # sgm's text.argmax(-1) (transformers' legacy eos_token_id 2 rule): the first EOS, the highest vocabulary id,
+        # unless a textual-inversion id (past the vocabulary) is higher, as in sgm and diffusers.
+        eos = input_ids.to(torch.int32).argmax(dim=-1)
+        last = self.model.ln_final(x)[torch.arange(x.shape[0], device=x.device), eos]
+        return hidden, last @ self.model.text_projection
 
 
 def build_text_encoder(config: TextEncoderConfig) -> LayerStackEncoder:

@@ -1,4 +1,8 @@
-"""The LDM ``UNetModel`` (openaimodel.py) of Stable Diffusion 1.x / 2.x, written to export cleanly.
+"""The LDM ``UNetModel`` (openaimodel.py) of Stable Diffusion 1.x / 2.x and SDXL (sgm), written to export cleanly.
+
+SDXL adds a per-level transformer depth (none at the first level) and ``label_emb``, the embedding of the pooled
+text vector and the time ids (original size, crop top-left, target size; the refiner: aesthetic score instead of
+the target size), added to the timestep embedding.
 
 Attribute names mirror the checkpoint keys under ``model.diffusion_model.``: ``time_embed.0``, ``input_blocks.N.M``,
 ``middle_block.M``, ``output_blocks.N.M``, ``out.0`` / ``out.2``. Graph rules for ONNX/TensorRT: no Python control
@@ -193,13 +197,18 @@ class UNetModel(nn.Module):
         emb_dim = mc * 4
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
-        def transformer(channels: int) -> SpatialTransformer:
+        if config.adm_in_channels:
+            # SDXL's added conditions (pooled text + time-id sinusoids) -> the timestep embedding's width.
+            self.label_emb = nn.Sequential(nn.Sequential(
+                nn.Linear(config.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)))
+
+        def transformer(channels: int, depth: int = config.transformer_depth) -> SpatialTransformer:
             heads, head_dim = config.heads_at(channels)
             return SpatialTransformer(
                 channels,
                 heads,
                 head_dim,
-                config.transformer_depth,
+                depth,
                 config.context_dim,
                 config.use_linear_in_transformer,
                 groups,
@@ -213,8 +222,8 @@ class UNetModel(nn.Module):
             for _ in range(config.num_res_blocks):
                 layers: list[nn.Module] = [ResBlock(ch, emb_dim, mult * mc, groups)]
                 ch = mult * mc
-                if ds in config.attention_resolutions:
-                    layers.append(transformer(ch))
+                if config.depth_at(level):
+                    layers.append(transformer(ch, config.depth_at(level)))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != last_level:
@@ -231,8 +240,8 @@ class UNetModel(nn.Module):
             for i in range(config.num_res_blocks + 1):
                 layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mc * mult, groups)]
                 ch = mc * mult
-                if ds in config.attention_resolutions:
-                    layers.append(transformer(ch))
+                if config.depth_at(level):
+                    layers.append(transformer(ch, config.depth_at(level)))
                 if level and i == config.num_res_blocks:
                     layers.append(Upsample(ch))
                     ds //= 2
@@ -241,8 +250,10 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(nn.GroupNorm(groups, ch), nn.SiLU(), nn.Conv2d(mc, config.out_channels, 3, padding=1))
 
     def forward(
-        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+        text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``text_embeds`` (N, pooled) and ``time_ids`` (N, ids): SDXL's added conditions (``adm_in_channels``)."""
         if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
             self._check_sample(sample)
         # A 0-d or (1,) timestep is broadcast over the batch; (N,) passes through unchanged.
@@ -250,6 +261,8 @@ class UNetModel(nn.Module):
             timestep = torch.tensor(timestep, device=sample.device)
         timestep = timestep.reshape(-1).expand(sample.shape[0])
         emb = self.time_embed(timestep_embedding(timestep, self.config.model_channels).to(sample.dtype))
+        if self.config.adm_in_channels:
+            emb = emb + self.label_emb(self._added_conditions(text_embeds, time_ids).to(sample.dtype))
         h = sample
         skips = []
         for block in self.input_blocks:
@@ -262,6 +275,14 @@ class UNetModel(nn.Module):
             # downsampling when the latent is not a multiple of 8).
             h = block(h, emb, encoder_hidden_states, skips[-1].shape[-2:] if skips else None)
         return self.out(h)
+
+    def _added_conditions(self, text_embeds: torch.Tensor | None, time_ids: torch.Tensor | None) -> torch.Tensor:
+        """SDXL's ``y``: the pooled text embedding, then each time id as a 256-wide sinusoid (sgm's
+        ConcatTimestepEmbedderND, diffusers' add_time_proj)."""
+        if text_embeds is None or time_ids is None:
+            raise ValueError("this UNet (SDXL) needs text_embeds and time_ids")
+        times = timestep_embedding(time_ids.reshape(-1), self.config.time_id_embed_dim)
+        return torch.cat([text_embeds.to(times.dtype), times.reshape(time_ids.shape[0], -1)], dim=-1)
 
     def _check_sample(self, sample: torch.Tensor) -> None:
         # Eager-only: a wrong shape would otherwise fail deep inside with a convolution shape error.
