@@ -241,7 +241,8 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(nn.GroupNorm(groups, ch), nn.SiLU(), nn.Conv2d(mc, config.out_channels, 3, padding=1))
 
     def forward(
-        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+        down_residuals: "list[torch.Tensor] | None" = None, mid_residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
             self._check_sample(sample)
@@ -255,7 +256,11 @@ class UNetModel(nn.Module):
         for block in self.input_blocks:
             h = block(h, emb, encoder_hidden_states)
             skips.append(h)
+        if down_residuals is not None:  # ControlNet: one residual per skip connection (rtsd.control_layout)
+            skips = [skip + residual for skip, residual in zip(skips, down_residuals, strict=True)]
         h = self.middle_block(h, emb, encoder_hidden_states)
+        if mid_residual is not None:
+            h = h + mid_residual
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
             # An upsampler at the end of this block must land on the next skip's size (odd after a rounded-up
