@@ -35,8 +35,11 @@ def _wrappers():
             super().__init__()
             self.unet = models.unet
 
-        def forward(self, sample, timestep, encoder_hidden_states):
-            return self.unet(sample, timestep, encoder_hidden_states)
+        def forward(self, sample, timestep, encoder_hidden_states, *residuals):
+            # ControlNet residuals (format 4 on): the down residuals in input-block order, then the mid residual.
+            if not residuals:
+                return self.unet(sample, timestep, encoder_hidden_states)
+            return self.unet(sample, timestep, encoder_hidden_states, list(residuals[:-1]), residuals[-1])
 
     class VAEDecoder(torch.nn.Module):
         """Latents in UNet space -> images in [0, 1] (the runtime only converts to uint8)."""
@@ -73,11 +76,20 @@ def export_component(models, component: str, path: str | Path, shape_range: Shap
     weights_map: a dict to fill with the component's weights map (export/weights_map.py); the weights then go to
     an external data file, whose offsets the map records.
     """
+    spec: IOSpec = specs_for(models.config, shape_range)[component]
+    parameters = _lora_parameters(models, component) if weights_map is not None else None
+    return export_module(component_module(models, component), spec, path, shape_range, opset, precision,
+                         parameters, weights_map)
+
+
+def export_module(module, spec: IOSpec, path: str | Path, shape_range: ShapeRange = ShapeRange(), opset: int = OPSET,
+                  precision: str = "fp32", parameters: dict | None = None,
+                  weights_map: dict | None = None) -> list[Path]:
+    """Trace ``module`` (inputs and outputs as ``spec`` declares) to ``path`` and clean the graph up."""
     import torch
 
     path = Path(path)
-    spec: IOSpec = specs_for(models.config, shape_range)[component]
-    module = component_module(models, component)
+    component = spec.name
     # Trace at the smallest size with 2 rows and a 2-chunk context: every symbolic axis differs from the fixed ones,
     # so the tracer keeps it.
     feeds = spec.sample_inputs(rows=2, height=shape_range.min_size, width=shape_range.min_size, chunks=2)
@@ -94,7 +106,6 @@ def export_component(models, component: str, path: str | Path, shape_range: Shap
             torch.onnx.export(module, args, str(raw), input_names=[t.name for t in spec.inputs],
                               output_names=[t.name for t in spec.outputs], dynamic_axes=spec.dynamic_axes(),
                               opset_version=opset, do_constant_folding=weights_map is None, dynamo=False)
-        parameters = _lora_parameters(models, component) if weights_map is not None else None
         return clean_up(raw, path, precision=precision, parameters=parameters, weights_map=weights_map)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
