@@ -266,6 +266,8 @@ def write_controlnet(path: str | os.PathLike, preset: str | ModelConfig = "tiny"
     with open(tmp, "wb") as f:
         f.write(_safetensors_header(specs))
         for spec in specs:
-            f.write(_generate(spec, seed, {}).reshape(-1).view(torch.uint8).numpy())
+            # Values follow the prefixed key, so files with and without the prefix hold the same weights.
+            named = spec._replace(key=CONTROLNET_PREFIX + spec.key[len(prefix):])
+            f.write(_generate(named, seed, {}).reshape(-1).view(torch.uint8).numpy())
     os.replace(tmp, path)
     return path
