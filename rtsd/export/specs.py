@@ -208,6 +208,12 @@ class IOSpec:
                 elif dims.setdefault(want, got) != got:
                     raise ValueError(f"{self.name}.{spec.name}: '{want}' is {got} here but {dims[want]} in another "
                                      f"input (shape {_fmt(spec.shape)}, got {tuple(array.shape)})")
+        for d in LEVEL_DIVISORS:  # ControlNet residuals: their sizes follow the latent's (rounded up per level)
+            for axis in ("latent_height", "latent_width"):
+                derived = f"{axis}_div{d}"
+                if derived in dims and axis in dims and dims[derived] != -(-dims[axis] // d):
+                    raise ValueError(f"{self.name}: '{derived}' is {dims[derived]}, but {axis} {dims[axis]} needs "
+                                     f"{-(-dims[axis] // d)} (ceil({axis} / {d})): a residual of the wrong size")
         return dims
 
     def sample_inputs(self, rows: int, height: int, width: int, seed: int = 0,
