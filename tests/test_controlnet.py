@@ -266,3 +266,44 @@ def test_format3_directory_generates_but_refuses_controlnet(tiny_engine_dir, tin
         runtime.generate("a cat", steps=2, height=128, width=128, controlnets=[("canny", np.zeros((128, 128, 3)))])
     with pytest.raises(EngineDirError, match="before ControlNet support .* re-export"):
         add_controlnets(target, [("canny", files["canny"])], progress=None)
+
+
+@pytest.mark.slow
+def test_full_size_sd15_controlnet_file_matches_diffusers(tmp_path):
+    """The full-size SD 1.5 ControlNet layout written to disk (1.4 GB fp32) loads in rtsd and in diffusers'
+    from_single_file with the published config, and both give the same 13 residuals at 256 px."""
+    path = write_controlnet(tmp_path / "control_sd15.safetensors", "sd15", seed=6)
+    model, info = load_controlnet(path)
+    assert sum(p.numel() for p in model.parameters()) == 361_279_120 and info.family == "sd1"
+    theirs = diffusers_controlnet(path, "sd15", tmp_path / "config")
+    sample, t, context, image = _inputs(PRESETS["sd15"], rows=1, size=256)
+    expected = _diffusers_residuals(theirs, sample, t, context, image, 1.0)
+    with torch.inference_mode():
+        ours = model(sample, t, context, image, torch.ones(13))
+    for k, (a, b) in enumerate(zip(ours, expected)):
+        assert rel_l2(a.numpy(), b) < 1e-5, f"residual {k}"
+
+
+def test_export_refuses_a_controlnet_of_another_family_before_exporting(tiny_checkpoint, files, tmp_path, capsys):
+    out = tmp_path / "engines"
+    assert main(["export", "--checkpoint", str(tiny_checkpoint), "--output", str(out),
+                 "--controlnet", f"edges={files['sd2']}"]) == 2
+    err = capsys.readouterr()
+    assert "SD 2.x ControlNet" in err.err and "exporting" not in err.out  # nothing was exported
+    assert not out.exists() and not list(tmp_path.glob(".engines*"))
+    assert main(["export", "--checkpoint", str(tiny_checkpoint), "--output", str(out), "--controlnet", "no-path"]) == 2
+    assert "NAME=PATH" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_export_with_controlnets_writes_checked_engines(tiny_checkpoint, files, tmp_path):
+    out = tmp_path / "engines"
+    assert main(["export", "--checkpoint", str(tiny_checkpoint), "--output", str(out), "--min-size", "128",
+                 "--max-size", "256", "--opt-size", "128", "--max-batch", "2", "--controlnet", f"canny={files['canny']}",
+                 "--controlnet", f"depth={files['depth']}"]) == 0
+    manifest = Manifest.read(out)
+    for name in ("controlnet.canny", "controlnet.depth"):
+        assert manifest.components[name]["parity"]["passed"]
+    runtime = Runtime(out, backend="onnxruntime")
+    image = np.zeros((128, 128, 3), np.uint8)
+    runtime.generate("a", steps=2, height=128, width=128, controlnets=[("canny", image), ("depth", image, 0.5)])
