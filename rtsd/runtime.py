@@ -26,9 +26,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from rtsd import schedulers
+from rtsd.control import ControlResiduals, check_controls
 from rtsd.engine import get_backend
 from rtsd.engine.base import Backend
-from rtsd.control import ControlResiduals, check_controls
 from rtsd.engine.verify import verify_engine_dir
 from rtsd.errors import NonFiniteOutputError, RtsdError
 from rtsd.export.manifest import Manifest
