@@ -242,23 +242,13 @@ def test_parity_command_checks_controlnets(engine_dir, tiny_checkpoint, files, c
 def test_format3_directory_generates_but_refuses_controlnet(tiny_engine_dir, tiny_checkpoint, files, tmp_path):
     """An engine directory written before ControlNet (format 3: a UNet without residual inputs) still runs the plain
     path; ControlNet requests and --add-controlnet are refused in one line that says to re-export."""
-    from rtsd.export.onnx import component_module, export_module
-    from rtsd.export.pipeline import _profile_json, sha256_file
+    from tests.legacy_unet import replace_with_plain_unet
 
     target = tmp_path / "old"
     shutil.copytree(tiny_engine_dir, target)
-    manifest = Manifest.read(target)
-    spec = specs_for(manifest.model, manifest.shape_range, control_residuals=False)["unet"]
-    (target / "unet.onnx").unlink()
-    (target / "unet.onnx.data").unlink()
-    export_module(component_module(load_checkpoint(tiny_checkpoint), "unet"), spec, target / "unet.onnx",
-                  manifest.shape_range)
-    record = manifest.components["unet"]
-    record.pop("weights_map")
-    record["onnx"].update(file="unet.onnx", data_files=[], sha256=sha256_file(target / "unet.onnx"), data_sha256={})
-    record.update(io=spec.to_dict(), profile=_profile_json(spec.profile(manifest.shape_range)))
-    manifest.format_version = 3
-    manifest.write(target)
+    replace_with_plain_unet(target, tiny_checkpoint)
+    data = json.loads((target / "manifest.json").read_text())
+    (target / "manifest.json").write_text(json.dumps({**data, "format_version": 3}))
     runtime = Runtime(target, backend="onnxruntime")
     image = runtime.generate("a cat", steps=2, height=128, width=128, seed=0).images[0]
     assert image.size == (128, 128)
@@ -307,3 +297,17 @@ def test_cli_export_with_controlnets_writes_checked_engines(tiny_checkpoint, fil
     runtime = Runtime(out, backend="onnxruntime")
     image = np.zeros((128, 128, 3), np.uint8)
     runtime.generate("a", steps=2, height=128, width=128, controlnets=[("canny", image), ("depth", image, 0.5)])
+
+
+def test_original_full_model_controlnet_file_uses_only_its_control_model(tiny_checkpoint, tmp_path):
+    """control_sd15_*.pth (the first release) hold a whole SD model beside control_model.*: only the latter is read."""
+    from safetensors.torch import save_file
+
+    cn = write_controlnet(tmp_path / "cn.safetensors", "tiny", seed=9)
+    merged = {**load_file(str(tiny_checkpoint)), **load_file(str(cn))}
+    save_file(merged, tmp_path / "control_sd15_tiny.safetensors")
+    model, info = load_controlnet(tmp_path / "control_sd15_tiny.safetensors")
+    alone, _ = load_controlnet(cn)
+    assert info.family == "sd1" and len(info.shapes) == len(alone.state_dict())
+    for key, value in alone.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
