@@ -163,8 +163,9 @@ def _export(args) -> int:
         from rtsd.export.manifest import Manifest
         from rtsd.export.tensorrt import build_engines
 
-        build_engines(args.rebuild, Manifest.read(args.rebuild), rebuild_stale_only=True,
-                      optimization_level=args.opt_level, progress=print)
+        manifest = Manifest.read(args.rebuild)
+        build_engines(args.rebuild, manifest, rebuild_stale_only=True, components=tuple(manifest.components),
+                      optimization_level=args.opt_level, progress=print)  # ControlNet engines too
         return 0
     if not args.checkpoint or not args.output:
         raise ValueError("export needs --checkpoint PATH and --output DIR (or --rebuild ENGINE_DIR)")

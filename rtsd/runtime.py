@@ -289,8 +289,9 @@ class Runtime:
 
 
 def _default_backend(manifest: Manifest) -> Backend:
-    """TensorRT when the directory has plans for every component and TensorRT runs here; else ONNX Runtime."""
-    if all(manifest.engine_record(c, "tensorrt") for c in COMPONENTS):
+    """TensorRT when the directory has plans for every component (ControlNets included) and TensorRT runs here;
+    else ONNX Runtime."""
+    if all(manifest.engine_record(c, "tensorrt") for c in manifest.components):  # ControlNets too
         try:
             return get_backend("tensorrt")
         except RtsdError:  # TensorRT, CuPy or a GPU missing here: the ONNX files still run

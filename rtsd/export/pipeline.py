@@ -126,8 +126,8 @@ def _export(checkpoint, output: Path, shape_range: ShapeRange, precision: str, b
             from rtsd.export.tensorrt import build_engines
 
             with stage("building TensorRT engines (fp16)"):
-                build_engines(work, manifest, progress=say, **{"components": COMPONENTS + tuple(records.keys() - set(
-                    COMPONENTS)), **(tensorrt_options or {})})
+                plans = COMPONENTS + tuple(name for name in records if name not in COMPONENTS)  # + ControlNets
+                build_engines(work, manifest, progress=say, **{"components": plans, **(tensorrt_options or {})})
         if check:
             with stage(f"checking every engine against the PyTorch reference ({shape_range.min_size} px)"):
                 _check_parity(work, models, backend, shape_range, {n: m for n, (m, _) in control.items()})
