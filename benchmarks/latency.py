@@ -3,6 +3,8 @@
     python benchmarks/latency.py                      full-size SD 1.5 (synthetic weights), every backend here
     python benchmarks/latency.py --checkpoint sd.safetensors --json result.json
     python benchmarks/latency.py --quick --json q.json   tiny preset, under a minute on 2 CPU cores (smoke test)
+    python benchmarks/latency.py --controlnets --json cn.json   per-step cost with 0/1/2 ControlNets and the cost of
+                                                     the UNet's residual inputs on the plain path (controlnet_cost.py)
 
 Contenders: rtsd on TensorRT, ONNX Runtime CUDA and/or ONNX Runtime CPU (whatever runs here), and two baselines:
 the PyTorch reference in the same loop and a diffusers StableDiffusionPipeline (benchmarks/baselines.py).
@@ -80,6 +82,10 @@ class Plan:
 # ---------------------------------------------------------------------------------------------- the parent process
 
 def main(argv: list[str] | None = None) -> int:
+    if "--controlnets" in (sys.argv[1:] if argv is None else argv):  # per-step ControlNet cost: its own module
+        import controlnet_cost
+
+        return controlnet_cost.main(argv)
     args = _parse(argv)
     if args.worker:
         return _worker(args)

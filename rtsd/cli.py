@@ -72,6 +72,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="merge a LoRA into the weights before export (repeatable; scale default 1.0)")
     p.add_argument("--refittable", action="store_true", help="TensorRT: plans whose LoRA-addressable weights can be "
                    "refitted at run time (switch LoRAs without a rebuild); may cost a little speed")
+    p.add_argument("--controlnet", action="append", default=[], metavar="NAME=PATH",
+                   help="also export this ControlNet as engine NAME (LDM .pth/.safetensors or diffusers folder; "
+                        "repeatable)")
+    p.add_argument("--add-controlnet", nargs="+", metavar=("ENGINE_DIR", "NAME=PATH"),
+                   help="add ControlNet engine(s) to an existing engine directory; its other engines stay untouched")
     p.set_defaults(run=_export)
 
     p = sub.add_parser("generate", help="generate images from a prompt")
@@ -101,6 +106,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="load every textual-inversion file in DIR (A1111's embeddings folder)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", type=_lora_arg,
                    help="apply a LoRA at run time (repeatable; scale default 1.0)")
+    p.add_argument("--control", action="append", default=[], metavar="NAME=IMAGE[:SCALE]",
+                   help="steer with the engine directory's ControlNet NAME and this control image (repeatable; "
+                        "scale default 1.0)")
+    p.add_argument("--control-start", type=float, default=0.0, help="fraction of the steps before ControlNets act")
+    p.add_argument("--control-end", type=float, default=1.0, help="fraction of the steps after which they stop")
+    p.add_argument("--guess-mode", action="store_true",
+                   help="ControlNet guess mode: control on the conditional half only, log-spaced scales")
     p.set_defaults(run=_generate)
 
     p = sub.add_parser("parity", help="compare an engine directory with the PyTorch reference")
@@ -109,6 +121,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("tensorrt", "onnxruntime"), default=None)
     p.add_argument("--steps", type=int, default=4, help="steps of the end-to-end check")
     p.add_argument("--json", type=Path, help="also write the report as JSON")
+    p.add_argument("--controlnet", action="append", default=[], metavar="NAME=PATH",
+                   help="the file of the directory's ControlNet NAME (default: the file recorded at export)")
     p.set_defaults(run=_parity)
 
     p = sub.add_parser("info", help="describe a checkpoint or an engine directory")
@@ -128,14 +142,30 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _export(args) -> int:
+    from rtsd.export.controlnet import parse_pair
+
+    if args.add_controlnet:
+        from rtsd.export.controlnet import add_controlnets
+
+        engine_dir, *pairs = args.add_controlnet
+        if not pairs:
+            raise ValueError("--add-controlnet needs ENGINE_DIR and at least one NAME=PATH")
+        if args.checkpoint or args.output or args.rebuild or args.controlnet:
+            raise ValueError("--add-controlnet changes an existing engine directory: drop --checkpoint, --output, "
+                             "--rebuild and --controlnet")
+        add_controlnets(engine_dir, [parse_pair(p, "--add-controlnet") for p in pairs], overwrite=args.force,
+                        check=not args.no_check, backend=args.backend, progress=print)
+        return 0
+    controlnets = [parse_pair(p, "--controlnet") for p in args.controlnet]
     if args.rebuild:
         if args.backend != "tensorrt":
             raise ValueError("--rebuild rebuilds TensorRT engines: add --backend tensorrt")
         from rtsd.export.manifest import Manifest
         from rtsd.export.tensorrt import build_engines
 
-        build_engines(args.rebuild, Manifest.read(args.rebuild), rebuild_stale_only=True,
-                      optimization_level=args.opt_level, progress=print)
+        manifest = Manifest.read(args.rebuild)
+        build_engines(args.rebuild, manifest, rebuild_stale_only=True, components=tuple(manifest.components),
+                      optimization_level=args.opt_level, progress=print)  # ControlNet engines too
         return 0
     if not args.checkpoint or not args.output:
         raise ValueError("export needs --checkpoint PATH and --output DIR (or --rebuild ENGINE_DIR)")
@@ -149,7 +179,7 @@ def _export(args) -> int:
            "fp32_components": ("vae_decoder", "vae_encoder") if args.fp32_vae else ()}
     export(args.checkpoint, args.output, shape_range=shape_range, precision=args.precision, backend=args.backend,
            prediction_type=args.prediction_type, overwrite=args.force, clip_skip=args.clip_skip,
-           check=not args.no_check, loras=args.lora,
+           check=not args.no_check, loras=args.lora, controlnets=controlnets,
            tensorrt_options={**trt, "refittable": args.refittable} if args.backend == "tensorrt" else None)
     return 0
 
@@ -173,12 +203,27 @@ def _generate(args) -> int:
                               width=width, seed=args.seed, scheduler=args.scheduler, num_images=args.num_images,
                               image=args.image, mask_image=args.mask, strength=args.strength,
                               callback=_progress_bar(args.steps), loras=dict(args.lora) if args.lora else None,
-                              prompt_syntax="plain" if args.plain_prompt else "a1111")
+                              prompt_syntax="plain" if args.plain_prompt else "a1111",
+                              controlnets=[_control_arg(c) for c in args.control] or None,
+                              control_guidance_start=args.control_start, control_guidance_end=args.control_end,
+                              guess_mode=args.guess_mode)
     for path, image in zip(_output_paths(args.output, len(result.images)), result.images):
         save_png(image, path, result.parameters)
         print(f"wrote {path}")
     print(f"seed {result.seed}; " + ", ".join(f"{k} {v:.3f} s" for k, v in result.timings.items()))
     return 0
+
+
+def _control_arg(text: str) -> tuple[str, Path, float]:
+    """NAME=IMAGE[:SCALE] -> (name, image path, scale); a trailing ':x' that is not a number belongs to the path."""
+    name, sep, rest = text.partition("=")
+    if not sep or not name or not rest:
+        raise ValueError(f"--control takes NAME=IMAGE[:SCALE] (e.g. canny=edges.png:0.8), got {text!r}")
+    path, colon, scale = rest.rpartition(":")
+    try:
+        return (name, Path(path), float(scale)) if colon else (name, Path(rest), 1.0)
+    except ValueError:
+        return name, Path(rest), 1.0
 
 
 def _parity(args) -> int:
@@ -189,7 +234,11 @@ def _parity(args) -> int:
         raise ValueError(f"--steps must be at least 1 for the end-to-end check, got {args.steps}")
     if args.json:
         check_file_output(args.json, "--json")
-    report = check_engine_dir(args.engine_dir, args.checkpoint, backend=args.backend, steps=args.steps)
+    from rtsd.export.controlnet import parse_pair
+
+    controlnets = dict(parse_pair(p, "--controlnet") for p in args.controlnet)
+    report = check_engine_dir(args.engine_dir, args.checkpoint, backend=args.backend, steps=args.steps,
+                              controlnets=controlnets, progress=None)
     print(report.table())
     if args.json:
         args.json.write_text(json.dumps(report.to_dict(), indent=2))

@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from rtsd import added_conditions, handoff, schedulers
+from rtsd.control import ControlResiduals, check_controls
 from rtsd.engine import get_backend
 from rtsd.engine.base import Backend
 from rtsd.engine.fused_step import device_step
@@ -69,8 +70,9 @@ class Runtime:
         verify_engine_dir(self.engine_dir, manifest, chosen.name, hashes=verify)
         self.verified = verify  # unverified files can also be why outputs are non-finite
         tokenizer = Tokenizer.load(self.engine_dir / manifest.tokenizer["directory"])
+        controlnets = tuple(c for c, record in manifest.components.items() if "controlnet" in record)
         self._setup(manifest.model, manifest.shape_range, tokenizer, chosen.name,
-                    chosen.load(self.engine_dir, manifest, COMPONENTS), manifest.source.get("sha256"))
+                    chosen.load(self.engine_dir, manifest, COMPONENTS + controlnets), manifest.source.get("sha256"))
 
     @classmethod
     def from_reference(cls, models, shape_range: ShapeRange | None = None, config=None) -> "Runtime":
@@ -129,7 +131,9 @@ class Runtime:
                  prompt_syntax: str = "a1111", loras: "dict[str | Path, float] | None" = None,
                  size_conditions: "added_conditions.SizeConditions | dict | None" = None,
                  denoising_start: float | None = None, denoising_end: float | None = None,
-                 output_type: str = "pil") -> GenerationResult:
+                 output_type: str = "pil", controlnets: Sequence | None = None,
+                 control_guidance_start: float | Sequence[float] = 0.0,
+                 control_guidance_end: float | Sequence[float] = 1.0, guess_mode: bool = False) -> GenerationResult:
         """prompt_syntax: "a1111" (``(word:1.2)``, ``[word]``, BREAK; prompts past 75 tokens in chunks; rtsd.prompt)
         or "plain" (the text as is, still chunked).
         seeds: one seed per image instead of ``seed`` (rtsd.noise): image i then equals a one-image generation
@@ -143,7 +147,11 @@ class Runtime:
         size_conditions (SDXL): original_size, target_size, crops_coords_top_left, aesthetic_score (refiner) and
         their negative_* forms, as diffusers' SDXL pipelines take them (rtsd.added_conditions.SizeConditions or a dict).
         denoising_end / denoising_start (SDXL base + refiner hand-off, rtsd.handoff): stop the schedule early / start
-        it late from ``latents`` as given. output_type: "pil" (images) or "latent" (``result.latents``, no decode)."""
+        it late from ``latents`` as given. output_type: "pil" (images) or "latent" (``result.latents``, no decode).
+        controlnets: [(name, control image, scale), ...] (scale optional, default 1.0) of this directory's ControlNets
+        (``rtsd export --controlnet``); control_guidance_start/end: the part of the steps each one acts on (one value,
+        or one per ControlNet); guess_mode: control on the conditional rows only, with diffusers' log-spaced scales
+        (rtsd.control)."""
         timings: dict[str, float] = {}
         start = time.perf_counter()
 
@@ -169,6 +177,7 @@ class Runtime:
         # Inpainting encodes its one image once (1 row) and repeats the latents on the device for every image.
         init_pixels = init_image_pixels(image, height, width, 1 if inpaint else n) if image is not None else None
         mask = inpainting_mask(mask_image, height, width) if inpaint else None
+        controls = self._controls(controlnets, height, width, control_guidance_start, control_guidance_end)
         start_index = _img2img_start(sampler, steps, strength) if image is not None else 0
         train_steps = self.config.scheduler.num_train_timesteps
         end_index = handoff.end_index(sampler, denoising_end, train_steps)
@@ -224,16 +233,19 @@ class Runtime:
         total = end_index
         unet, scheduler_time = self.engines["unet"], 0.0
         step = device_step(sampler, xp)  # CFG combine + step: one fused kernel on CuPy
+        residuals = ControlResiduals(self.engines, self.config.unet, controls, images=n, cfg=use_cfg,
+                                     guess_mode=guess_mode, height=height, width=width)
         for i in range(start_index, total):
             t = float(sampler.timesteps[i])
             model_in = sampler.scale_model_input(x, i)
             if use_cfg:
                 model_in = xp.concatenate([model_in, model_in])
+            control = residuals(i - start_index, total - start_index, model_in, t, context)  # zeros without ControlNet
             if extra_channels is not None:
                 model_in = xp.concatenate([model_in, extra_channels], axis=1)
             rows = model_in.shape[0]
             out = unet.infer({"sample": model_in, "timestep": xp.full((rows,), t, dtype=xp.float32),
-                              "encoder_hidden_states": context, **added})["model_output"]
+                              "encoder_hidden_states": context, **added, **control})["model_output"]
             s0 = time.perf_counter()
             uncond, cond = (out[:n], out[n:]) if use_cfg else (out, None)
             step_noise = xp.asarray(rng.draw(latent_shape)) if sampler.stochastic else None
@@ -271,8 +283,21 @@ class Runtime:
                       "strength": strength if image is not None else None, "inpainting": inpaint,
                       "backend": self.backend_name,
                       "model": self.config.family, "checkpoint_sha256": self.source_sha256,
-                      "loras": self._lora_records()}
+                      "loras": self._lora_records(),
+                      "controlnets": [{"name": c.component.split(".", 1)[1], "scale": c.scale, "start": c.start,
+                                       "end": c.end} for c in controls], "guess_mode": guess_mode if controls else None}
         return GenerationResult(images=images, seed=seed, timings=timings, parameters=parameters)
+
+    def _controls(self, controlnets, height: int, width: int, start, end):
+        """The request's ControlNets checked against this directory (names, images, scales, windows)."""
+        from rtsd.export.manifest import CONTROLNET_FORMAT
+
+        available = [name.split(".", 1)[1] for name in self.engines if name.startswith("controlnet.")]
+        version = self.manifest.format_version if self.manifest is not None else CONTROLNET_FORMAT
+        return check_controls(controlnets, available, height, width, start, end, version >= CONTROLNET_FORMAT,
+                              f"{self.engine_dir} was exported before ControlNet support (format {version}): its UNet "
+                              f"takes no ControlNet residuals; re-export it with this rtsd (`rtsd export --checkpoint "
+                              f"CKPT --output DIR --controlnet NAME=PATH`)")
 
     def _encode(self, pixels: np.ndarray):
         """[0, 1] host pixels -> scaled latents (posterior mean) on the engines' array module."""
@@ -306,8 +331,9 @@ def _size_conditions(value) -> "added_conditions.SizeConditions":
 
 
 def _default_backend(manifest: Manifest) -> Backend:
-    """TensorRT when the directory has plans for every component and TensorRT runs here; else ONNX Runtime."""
-    if all(manifest.engine_record(c, "tensorrt") for c in COMPONENTS):
+    """TensorRT when the directory has plans for every component (ControlNets included) and TensorRT runs here;
+    else ONNX Runtime."""
+    if all(manifest.engine_record(c, "tensorrt") for c in manifest.components):  # ControlNets too
         try:
             return get_backend("tensorrt")
         except RtsdError:  # TensorRT, CuPy or a GPU missing here: the ONNX files still run

@@ -426,3 +426,77 @@ def sdxl_pipeline(path, family: str, tokenizer_dir, scheduler, mode: str = "txt2
                unet=oracles.unet, scheduler=scheduler, **SDXL_PIPELINES[family])
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# --- ControlNet ---------------------------------------------------------------------------------------------------
+
+# diffusers ControlNetModel config.json of the published ControlNets: lllyasviel/control_v11p_sd15_canny (SD 1.5) and
+# thibaud/controlnet-sd21-canny-diffusers (SD 2.1: heads 64 wide, so attention_head_dim = heads per level, Linear
+# proj_in/out, OpenCLIP's 1024-wide context). Widths the tensors carry are read from them (tiny presets).
+CONTROLNET_CONFIGS = {
+    "sd15": {"_class_name": "ControlNetModel", "act_fn": "silu", "attention_head_dim": 8,
+             "block_out_channels": [320, 640, 1280, 1280], "class_embed_type": None,
+             "conditioning_embedding_out_channels": [16, 32, 96, 256], "conditioning_channels": 3,
+             "controlnet_conditioning_channel_order": "rgb", "cross_attention_dim": 768,
+             "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                  "DownBlock2D"],
+             "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "global_pool_conditions": False,
+             "in_channels": 4, "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05,
+             "norm_num_groups": 32, "only_cross_attention": False, "projection_class_embeddings_input_dim": None,
+             "resnet_time_scale_shift": "default", "upcast_attention": False, "use_linear_projection": False},
+    "sd21": {"_class_name": "ControlNetModel", "act_fn": "silu", "attention_head_dim": [5, 10, 20, 20],
+             "block_out_channels": [320, 640, 1280, 1280], "class_embed_type": None,
+             "conditioning_embedding_out_channels": [16, 32, 96, 256], "conditioning_channels": 3,
+             "controlnet_conditioning_channel_order": "rgb", "cross_attention_dim": 1024,
+             "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                  "DownBlock2D"],
+             "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "global_pool_conditions": False,
+             "in_channels": 4, "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05,
+             "norm_num_groups": 32, "only_cross_attention": False, "projection_class_embeddings_input_dim": None,
+             "resnet_time_scale_shift": "default", "upcast_attention": False, "use_linear_projection": True},
+}  # fmt: skip
+SD2_HEAD_WIDTH = 64
+
+
+def controlnet_config(family: str, ldm: dict) -> dict:
+    """The published ControlNet config of ``family`` at the widths of the LDM ControlNet tensors ``ldm`` (with or
+    without the control_model. prefix)."""
+    prefix = "control_model." if any(k.startswith("control_model.") for k in ldm) else ""
+    config = copy.deepcopy(CONTROLNET_CONFIGS[family])
+    channels = ldm[prefix + "input_blocks.0.0.weight"].shape[0]
+    config["block_out_channels"] = [channels * m for m in (1, 2, 4, 4)]
+    config["cross_attention_dim"] = ldm[prefix + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
+    if isinstance(config["attention_head_dim"], list):  # SD 2.x: heads per level = width / 64
+        config["attention_head_dim"] = [c // SD2_HEAD_WIDTH for c in config["block_out_channels"]]
+    return config
+
+
+def diffusers_controlnet(path, family: str, config_dir, dtype: torch.dtype = torch.float32):
+    """diffusers' ControlNetModel.from_single_file on an LDM ControlNet file (offline: the published config is
+    written to ``config_dir`` and passed as ``config``)."""
+    import json
+    from pathlib import Path
+
+    from diffusers import ControlNetModel
+
+    config_dir = Path(config_dir)
+    config_dir.mkdir(parents=True, exist_ok=True)
+    (config_dir / "config.json").write_text(json.dumps(controlnet_config(family, load_file(str(path)))))
+    model = ControlNetModel.from_single_file(str(path), config=str(config_dir), local_files_only=True,
+                                             torch_dtype=dtype)
+    return model.eval().requires_grad_(False)
+
+
+def diffusers_controlnet_pipeline(path, family: str, tokenizer_dir, scheduler, controlnets, img2img: bool = False,
+                                  dtype: torch.dtype = torch.float32):
+    """StableDiffusionControlNet(Img2Img)Pipeline on the components of ``diffusers_pipeline``; ``controlnets``: one
+    diffusers ControlNetModel, or a list (wrapped in MultiControlNetModel)."""
+    from diffusers import StableDiffusionControlNetImg2ImgPipeline, StableDiffusionControlNetPipeline
+    from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+
+    base = diffusers_pipeline(path, family, tokenizer_dir, scheduler, dtype=dtype)
+    controlnet = MultiControlNetModel(controlnets) if isinstance(controlnets, (list, tuple)) else controlnets
+    cls = StableDiffusionControlNetImg2ImgPipeline if img2img else StableDiffusionControlNetPipeline
+    pipe = cls(**base.components, controlnet=controlnet, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -116,6 +116,27 @@ MODEL_LIKE = {"text_encoder": _text_model, "unet": _unet_model, "vae_decoder": _
               "vae_encoder": _encoder_model}
 
 
+def _unet_with_residuals(xp, inputs, outputs, overflow=False):
+    """_unet_model + the first 4 channels of down_residual_0 and mid_residual at their top-left pixel (in place)."""
+    _unet_model(xp, inputs, outputs)
+    out = outputs["model_output"]
+    xp.add(out, inputs["down_residual_0"][:, :4, :1, :1], out=out)
+    xp.add(out, inputs["mid_residual"][:, :4, :1, :1], out=out)
+
+
+def _controlnet_model(xp, inputs, outputs, overflow=False):
+    """residual k = conditioning_scale[k] * (control_image[:, 0, 0, 0] + sample[:, 0, 0, 0]) per row (in place)."""
+    for k, out in enumerate(outputs.values()):
+        xp.multiply(inputs["control_image"][:, :1, :1, :1], inputs["conditioning_scale"][k], out=out)
+        xp.add(out, inputs["sample"][:, :1, :1, :1] * inputs["conditioning_scale"][k], out=out)
+
+
+def controlnet_compute(names, base=None) -> dict:
+    """Stand-in functions for an engine directory with ControlNets ``names``: the UNet adds its residuals."""
+    return {**(base or MODEL_LIKE), "unet": _unet_with_residuals,
+            **{f"controlnet.{name}": _controlnet_model for name in names}}
+
+
 # ---------------------------------------------------------------- launchers: where "device" memory and streams live
 
 class FakeStream:
@@ -225,7 +246,10 @@ class SimCupy:
 
     uint8, float32 = np.uint8, np.float32
     isfinite = staticmethod(np.isfinite)
-    concatenate = staticmethod(np.concatenate)
+
+    @staticmethod
+    def concatenate(arrays, axis=0):  # a device array, as cupy.concatenate returns (np.concatenate drops the type)
+        return np.concatenate(arrays, axis=axis).view(DevArray)
 
     def __init__(self):
         default = SimStream()
@@ -355,7 +379,8 @@ class SimTensorRTError(AssertionError):
 
 
 class SimEngine:
-    ACTIVATION_BYTES = {"text_encoder": 1000, "unet": 5000, "vae_decoder": 3000, "vae_encoder": 2000}
+    ACTIVATION_BYTES = {"text_encoder": 1000, "unet": 5000, "vae_decoder": 3000, "vae_encoder": 2000,
+                        "controlnet": 4000}
     FP32_FACTOR = 4  # R4: an fp32 plan of the same network needs more activation memory (here more than the UNet)
 
     def __init__(self, name, spec, shape_range, compute, launch, overflow=False, precision="fp16", cupy=None,
@@ -364,7 +389,8 @@ class SimEngine:
         self.cupy, self.io_dtype, self.fail_execute = cupy, io_dtype, False
         self.launches, self.runs, self.contexts = 0, 0, []
         self.profile = {n: {k: tuple(v) for k, v in c.items()} for n, c in engine_profile(spec, shape_range).items()}
-        self.device_memory_size_v2 = self.ACTIVATION_BYTES[name] * (self.FP32_FACTOR if precision == "fp32" else 1)
+        self.device_memory_size_v2 = self.ACTIVATION_BYTES[name.split(".")[0]] * (self.FP32_FACTOR if precision == "fp32"
+                                                                                   else 1)
         self.names = [t.name for t in spec.inputs + spec.outputs]
         self.num_io_tensors = len(self.names)
 
@@ -401,9 +427,9 @@ class SimTensorRT:
     ExecutionContextAllocationStrategy = types.SimpleNamespace(USER_MANAGED="USER_MANAGED")
     Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
 
-    def __init__(self, config, shape_range, compute=None, launch=None, cupy=None):
+    def __init__(self, config, shape_range, compute=None, launch=None, cupy=None, controlnets=()):
         self.deserialized = []
-        specs, compute, launch = specs_for(config, shape_range), compute or BOOKKEEPING, launch or cpu_launcher()
+        specs, compute, launch = _specs(config, shape_range, controlnets), compute or BOOKKEEPING, launch or cpu_launcher()
         sim = self
 
         class Runtime:
@@ -429,11 +455,19 @@ class SimTensorRT:
         return dtype
 
 
+def _specs(config, shape_range, controlnets=()):
+    """The components' specs, with ControlNet components ``controlnet.NAME`` for ``controlnets``."""
+    from rtsd.export.specs import controlnet_spec
+
+    return {**specs_for(config, shape_range),
+            **{f"controlnet.{n}": controlnet_spec(config, f"controlnet.{n}") for n in controlnets}}
+
+
 def sim_manifest(config, shape_range: ShapeRange, gpu: str, capability: str, *, overflow=("vae_decoder",),
-                 fallback=("vae_decoder",)) -> tuple[Manifest, dict[str, str]]:
+                 fallback=("vae_decoder",), controlnets=()) -> tuple[Manifest, dict[str, str]]:
     """A manifest whose TensorRT records match the given machine, and the plan files' contents by file name."""
-    specs, components, plans = specs_for(config, shape_range), {}, {}
-    for name in COMPONENTS:
+    specs, components, plans = _specs(config, shape_range, controlnets), {}, {}
+    for name in specs:
         plans[f"{name}.plan"] = f"{name}:{'overflow' if name in overflow else 'ok'}"
         record = {"file": f"{name}.plan", "precision": "fp16", "tensorrt_version": SIM_TENSORRT_VERSION, "gpu": gpu,
                   "compute_capability": capability, "onnx_sha256": "a" * 64, "static": False, "fallback": None}
@@ -442,6 +476,8 @@ def sim_manifest(config, shape_range: ShapeRange, gpu: str, capability: str, *, 
             record["fallback"] = {"file": f"{name}.fp32.plan", "precision": "fp32"}
         components[name] = {"io": specs[name].to_dict(), "onnx": {"file": f"{name}.onnx", "sha256": "a" * 64},
                             "engines": {"tensorrt": record}}
+        if name.startswith("controlnet."):
+            components[name]["controlnet"] = {"name": name.split(".", 1)[1], "family": config.family}
     tokenizer = {"directory": "tokenizer", "max_length": 77, "pad_token_id": config.text_encoder.pad_token_id}
     return Manifest(model=config, shape_range=shape_range, source={}, tokenizer=tokenizer,
                     components=components), plans
@@ -455,7 +491,7 @@ def write_sim_engine_dir(directory: Path, config, shape_range: ShapeRange, gpu: 
     manifest, plans = sim_manifest(config, shape_range, gpu, capability, **kw)
     for file, text in plans.items():
         (directory / file).write_text(text)
-    for name in COMPONENTS:
+    for name in manifest.components:
         (directory / f"{name}.onnx").write_bytes(b"")  # never read with backend="tensorrt"
     Tokenizer.default(pad_token_id=config.text_encoder.pad_token_id).save(directory / "tokenizer")
     manifest.write(directory)
@@ -467,8 +503,8 @@ class HostStandIn:
 
     name = "host-stand-in"
 
-    def __init__(self, config, compute=None):
-        self.specs, self.compute = specs_for(config), compute or MODEL_LIKE
+    def __init__(self, config, compute=None, controlnets=()):
+        self.specs, self.compute = _specs(config, None, controlnets), compute or MODEL_LIKE
 
     def load(self, engine_dir=None, manifest=None, components=COMPONENTS):
         return {name: _HostEngine(name, self.specs[name], self.compute[name]) for name in components}

@@ -147,11 +147,15 @@ def test_baked_in_export_gives_the_switched_images(tiny_checkpoint, loras, image
     assert np.array_equal(ours, switched)
 
 
-def test_format_2_engine_dirs_generate_but_ask_to_reexport_for_loras(tiny_engine_dir, tmp_path, loras, latents):
+def test_format_2_engine_dirs_generate_but_ask_to_reexport_for_loras(tiny_engine_dir, tiny_checkpoint, tmp_path, loras,
+                                                                      latents):
     """Format 2 (long prompts, before the weights map) is the newest layout without a weights map; format 1 lacks
     it too (its loading is tested in test_prompt_e2e)."""
+    from tests.legacy_unet import replace_with_plain_unet
+
     old = tmp_path / "old"
     shutil.copytree(tiny_engine_dir, old)
+    replace_with_plain_unet(old, tiny_checkpoint)  # formats before 4: no ControlNet residual inputs
     data = json.loads((old / "manifest.json").read_text())
     data["format_version"] = 2
     data.pop("loras")

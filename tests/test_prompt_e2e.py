@@ -174,8 +174,10 @@ def _format_1_copy(engine_dir, checkpoint, target):
     """What an rtsd of format 1 wrote: a text encoder taking token ids only, a UNet context of exactly 77 tokens,
     no prompt record. The text encoder is exported here from the reference the old way (one input)."""
     from rtsd.models import load_checkpoint
+    from tests.legacy_unet import replace_with_plain_unet
 
     shutil.copytree(engine_dir, target)
+    replace_with_plain_unet(target, checkpoint)  # formats before 4: no ControlNet residual inputs
     models = load_checkpoint(checkpoint, dtype=torch.float32, device="cpu")
 
     class IdsOnly(torch.nn.Module):

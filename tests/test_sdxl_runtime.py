@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from rtsd.export.manifest import FORMAT_VERSION
 from rtsd.export.pipeline import export
 from rtsd.export.specs import ShapeRange
 from rtsd.models import load_checkpoint
@@ -64,7 +65,7 @@ def _pipe(files, base_dir, family, scheduler, mode="txt2img", **options):
 
 def test_manifest_records_sdxl_contract(base_dir):
     manifest = json.loads((base_dir / "manifest.json").read_text())
-    assert manifest["format_version"] == 4 and manifest["model"]["family"] == "sdxl"
+    assert manifest["format_version"] == FORMAT_VERSION and manifest["model"]["family"] == "sdxl"
     text, unet = manifest["components"]["text_encoder"]["io"], manifest["components"]["unet"]["io"]
     assert [t["name"] for t in text["outputs"]] == ["hidden_states", "text_embeds"]
     assert [t["name"] for t in unet["inputs"]] == ["sample", "timestep", "encoder_hidden_states", "text_embeds",

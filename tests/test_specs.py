@@ -49,7 +49,10 @@ def test_dynamic_axes_name_every_symbolic_dimension():
 def test_validate_accepts_sample_inputs_and_resolves_dims():
     spec = specs_for(SD15)["unet"]
     assert spec.validate(spec.sample_inputs(2, 256, 384)) == {"batch": 2, "latent_height": 32, "latent_width": 48,
-                                                              "context_length": 77}
+                                                              "context_length": 77,  # + the ControlNet residuals':
+                                                              "latent_height_div2": 16, "latent_width_div2": 24,
+                                                              "latent_height_div4": 8, "latent_width_div4": 12,
+                                                              "latent_height_div8": 4, "latent_width_div8": 6}
 
 
 @pytest.mark.parametrize("mutate,error,match", [

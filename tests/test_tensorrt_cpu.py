@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from rtsd.config import ModelConfig
+from rtsd.control_layout import residual_names
 from rtsd.engine.cuda import GraphCache, GrowOnlyBuffers, data_pointer
 from rtsd.engine.staleness import HostInfo, stale_message, stale_reasons
 from rtsd.engine.tensorrt import check_profile, covering_flags, profile_ranges, request_size
@@ -401,7 +402,7 @@ def test_normalization_layers_are_not_pinned_so_they_cannot_fail_an_obey_build(t
     assert "TF32" not in trt.configs[0].flags and "OBEY_PRECISION_CONSTRAINTS" in trt.configs[0].flags
     unet_layers = [("norm", "NORMALIZATION", ["sample"], ["n"]), ("qk", "MATRIX_MULTIPLY", ["n", "n"], ["qk"]),
                    ("softmax", "SOFTMAX", ["qk"], ["model_output"])]
-    trt = _FakeBuilderTRT(unet_layers, ["sample", "timestep", "encoder_hidden_states"])
+    trt = _FakeBuilderTRT(unet_layers, [t.name for t in SPECS["unet"].inputs])  # with the ControlNet residuals
     assert _build(tmp_path, trt, "unet")["fp32_layers"] == []
     assert trt.configs[0].flags == {"FP16", "TF32"} and all(layer.precision is None for layer in trt.layers)
 
@@ -756,11 +757,13 @@ def sim(monkeypatch, tmp_path):
     return install_sim(monkeypatch, tmp_path, SD15, SIM_RANGE)
 
 
-def _unet_feeds(rows, size, t=10.0, seed=0):
+def _unet_feeds(rows, size, t=10.0, seed=0, width=None):
     rng = np.random.default_rng(seed)
-    return {"sample": rng.standard_normal((rows, 4, size // 8, size // 8), dtype=np.float32),
+    shapes = specs_for(SD15, SIM_RANGE)["unet"].shapes(rows, size, width or size)
+    residuals = {name: np.zeros(shapes[name], np.float32) for name in residual_names(SD15.unet)}  # no ControlNet
+    return {"sample": rng.standard_normal((rows, 4, size // 8, (width or size) // 8), dtype=np.float32),
             "timestep": np.full((rows,), t, np.float32),
-            "encoder_hidden_states": rng.standard_normal((rows, 77, 768), dtype=np.float32)}
+            "encoder_hidden_states": rng.standard_normal((rows, 77, 768), dtype=np.float32), **residuals}
 
 
 def test_sim_loads_all_engines_on_one_shared_activation_block(sim):
@@ -791,15 +794,16 @@ def test_sim_unet_steps_reuse_buffers_and_replay_one_graph_per_shape(sim):
         if step == 0:
             allocations = unet.allocations
     assert modes == ["plain", "captured", "replayed", "replayed", "replayed"]
-    assert unet.allocations == allocations == 4  # three inputs, one output: none per step
+    assert unet.allocations == allocations == 4 + 13  # three inputs + 13 residuals, one output: none per step
     np.testing.assert_array_equal(outputs[0], 2 * _unet_feeds(2, 64, seed=0)["sample"])  # a copy, not a view
     assert engine.launches == 2 and engine.runs == 5  # warm-up + capture enqueued; replays launch the graph
     # a second shape gets its own context and graph; a larger one regrows the buffers and recaptures
     for size in (64, 128, 128, 128, 64, 64):
         feeds = _unet_feeds(1, size, t=3.0)
         np.testing.assert_array_equal(unet.infer(feeds)["model_output"], 2 * feeds["sample"] + 3.0)
-    # 128 px regrew sample and model_output (timestep and context fit): graphs were dropped and recaptured
-    assert len(engine.contexts) == 3 and unet.allocations == 6 and len(unet.graphs) == 2
+    # 128 px regrew sample, the 13 residuals and model_output (timestep and context fit): graphs were dropped and
+    # recaptured
+    assert len(engine.contexts) == 3 and unet.allocations == 17 + 15 and len(unet.graphs) == 2
 
 
 def test_sim_evicting_a_shape_waits_for_queued_work_first(sim):
@@ -808,10 +812,10 @@ def test_sim_evicting_a_shape_waits_for_queued_work_first(sim):
     unet = backend.load(sim.dir, sim.manifest, ("unet",))["unet"]
     sizes = [(h, w) for h in (64, 72, 80) for w in (64, 72, 80)][: trt_backend.MAX_GRAPH_SHAPES + 1]
     for h, w in sizes[:-1]:
-        unet.infer({**_unet_feeds(1, 64), "sample": np.zeros((1, 4, h // 8, w // 8), np.float32)})
+        unet.infer({**_unet_feeds(1, h, width=w), "sample": np.zeros((1, 4, h // 8, w // 8), np.float32)})
     syncs = backend.stream.syncs
     h, w = sizes[-1]
-    feeds = {**_unet_feeds(1, 64), "sample": np.ones((1, 4, h // 8, w // 8), np.float32)}
+    feeds = {**_unet_feeds(1, h, width=w), "sample": np.ones((1, 4, h // 8, w // 8), np.float32)}
     np.testing.assert_array_equal(unet.infer(feeds)["model_output"], 2 + feeds["timestep"][0])
     assert backend.stream.syncs == syncs + 1 and len(unet._slots) == trt_backend.MAX_GRAPH_SHAPES
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from rtsd.config import ModelConfig
+from rtsd.control_layout import residual_names
 from rtsd.engine import tensorrt as trt_backend
 from rtsd.engine.cuda import THREAD_LOCAL_CAPTURE, GraphCache
 from rtsd.errors import EngineDirError, MissingDependencyError
@@ -32,9 +33,11 @@ def sim(monkeypatch, tmp_path):
 
 def _unet_feeds(rows=2, size=64, t=10.0, seed=0):
     rng = np.random.default_rng(seed)
+    shapes = specs_for(ModelConfig("sd1"))["unet"].shapes(rows, size, size)
     return {"sample": rng.standard_normal((rows, 4, size // 8, size // 8), dtype=np.float32),
             "timestep": np.full((rows,), t, np.float32),
-            "encoder_hidden_states": rng.standard_normal((rows, 77, 768), dtype=np.float32)}
+            "encoder_hidden_states": rng.standard_normal((rows, 77, 768), dtype=np.float32),
+            **{name: np.zeros(shapes[name], np.float32) for name in residual_names(ModelConfig("sd1").unet)}}
 
 
 def _check_unet(unet, seed):
@@ -256,4 +259,4 @@ def test_r8_capture_needs_a_mode_and_cannot_nest():
 
 
 def test_sim_covers_every_component():
-    assert set(SimEngine.ACTIVATION_BYTES) == set(COMPONENTS)
+    assert set(SimEngine.ACTIVATION_BYTES) == set(COMPONENTS) | {"controlnet"}  # controlnet.NAME components

@@ -467,8 +467,9 @@ class TensorRTBackend:
 
     def _wrap(self, component: str, spec: IOSpec, engine: tensorrt.ICudaEngine, engine_dir: Path, *, precision: str,
               static: bool, check_finite: bool, fallback: Path | None) -> TensorRTEngine:
+        graph = component in self.cuda_graphs or component.startswith("controlnet.")  # ControlNets run every step
         wrapped = TensorRTEngine(self, component, spec, engine, precision=precision, static=static,
-                                 cuda_graph=component in self.cuda_graphs, check_finite=check_finite,
+                                 cuda_graph=graph, check_finite=check_finite,
                                  fallback_plan=fallback, engine_dir=engine_dir)
         self._engines.append(wrapped)
         return wrapped

@@ -126,8 +126,13 @@ def check_contract(engine_dir: Path, manifest, onnx_files: bool = True) -> None:
     from rtsd.engine.onnx_header import OnnxHeaderError, read_io
     from rtsd.export.specs import COMPONENTS, specs_for
 
+    from rtsd.export.controlnet import controlnet_components
+    from rtsd.export.specs import controlnet_spec
+
     expected = _expected_specs(manifest, specs_for(manifest.model, manifest.shape_range))
-    for name in [c for c in COMPONENTS if c in manifest.components]:
+    controlnets = controlnet_components(manifest)
+    expected.update({c: controlnet_spec(manifest.model, c) for c in controlnets})
+    for name in [c for c in COMPONENTS if c in manifest.components] + controlnets:
         spec = manifest.spec(name)
         if name in expected and _io(spec) != _io(expected[name]):
             raise EngineDirError(f"{engine_dir}: the manifest's {name} I/O {_describe(_io(spec))} is not what a "
@@ -152,7 +157,13 @@ def check_contract(engine_dir: Path, manifest, onnx_files: bool = True) -> None:
 
 def _expected_specs(manifest, current: dict) -> dict:
     """What the manifest's format version declares: format 1 predates long prompts and textual inversion (a text
-    encoder of token ids only, a UNet context of exactly one 77-token chunk); formats 2 and 3 are today's specs."""
+    encoder of token ids only, a UNet context of exactly one 77-token chunk); formats before 4 have a UNet without
+    ControlNet residual inputs."""
+    from rtsd.export.manifest import CONTROLNET_FORMAT
+    from rtsd.export.specs import specs_for
+
+    if manifest.format_version < CONTROLNET_FORMAT:  # no ControlNet residual inputs yet
+        current = {**current, "unet": specs_for(manifest.model, manifest.shape_range, control_residuals=False)["unet"]}
     if manifest.format_version != 1:
         return current
     import dataclasses

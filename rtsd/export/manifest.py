@@ -1,6 +1,6 @@
 """engine_dir/manifest.json: the self-describing contract between the exporter and every runtime (Python or C++).
 
-Layout (format_version 4; versions 1 to 3 still load: see below for what each lacks):
+Layout (format_version 5; versions 1 to 4 still load: see below for what each lacks):
 
     format_version, rtsd_version, created
     source: {checkpoint, sha256, format}
@@ -19,6 +19,12 @@ Version 3 adds, for the UNet and text encoder, ``components[name]["weights_map"]
 initializer + layout change + the byte range of its base values in the component's .onnx.data file (documented in
 rtsd/export/weights_map.py), which LoRA switching and TensorRT refit follow; and ``loras``. TensorRT records gain
 ``refittable`` (plans built with the REFIT flag).
+
+Version 5 (ControlNet) adds to the UNet's inputs one residual per UNet input block plus the middle block
+(``down_residual_0..N``, ``mid_residual``; rtsd/control_layout.py, 13 for SD 1.x / 2.x; zeros when no ControlNet
+runs), and ControlNet components ``controlnet.NAME`` (io: export/specs.controlnet_spec; record key ``controlnet``:
+name, family, hint_channels, source {file, path, sha256, format}). Older directories generate as before; a request
+with ControlNets, or ``rtsd export --add-controlnet``, is refused there with a message to re-export.
 
 Optional fields (readers tolerate their absence; directories written before them still load): ``tokenizer.sha256``
 {file: sha256} and ``onnx.data_sha256`` {data file: sha256}. Every path is relative to the engine directory and
@@ -56,11 +62,14 @@ from rtsd.config import ModelConfig
 from rtsd.errors import EngineDirError
 from rtsd.export.specs import CHUNK_TOKENS, COMPONENTS, IOSpec, ShapeRange, prompt_contract
 
-FORMAT_VERSION = 4
+# The first format whose UNet takes ControlNet residuals; every ControlNet version check reads this one constant.
+CONTROLNET_FORMAT = 5
+FORMAT_VERSION = CONTROLNET_FORMAT
 # 1: before long prompts and textual inversion (one 77-token chunk, token ids only) and LoRA switching;
 # 2: long prompts and textual inversion, no weights map (generation works, LoRA switching asks to re-export);
-# 3: LoRA weights map, before SDXL (SD 1.x/2.x directories of format 3 read exactly as before).
-READABLE_VERSIONS = (1, 2, 3, FORMAT_VERSION)
+# 3: LoRA weights map, before SDXL (SD 1.x/2.x directories of format 3 read exactly as before);
+# 3 and 4: no ControlNet residual inputs (generation and LoRAs work, ControlNet asks to re-export).
+READABLE_VERSIONS = (1, 2, 3, 4, FORMAT_VERSION)
 MANIFEST_NAME = "manifest.json"
 
 

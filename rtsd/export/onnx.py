@@ -34,9 +34,14 @@ def _wrappers():
         def __init__(self, models):
             super().__init__()
             self.unet = models.unet
+            self.added_inputs = 2 if models.config.unet.adm_in_channels else 0  # SDXL: text_embeds, time_ids
 
-        def forward(self, sample, timestep, encoder_hidden_states, *added_conditions):  # SDXL: text_embeds, time_ids
-            return self.unet(sample, timestep, encoder_hidden_states, *added_conditions)
+        def forward(self, sample, timestep, encoder_hidden_states, *extra):
+            # SDXL's added conditions (text_embeds, time_ids) come first, then the ControlNet residuals (format 5 on):
+            # the down residuals in input-block order, then the mid residual.
+            added, residuals = extra[:self.added_inputs], extra[self.added_inputs:]
+            down, mid = (list(residuals[:-1]), residuals[-1]) if residuals else (None, None)
+            return self.unet(sample, timestep, encoder_hidden_states, *added, down_residuals=down, mid_residual=mid)
 
     class VAEDecoder(torch.nn.Module):
         """Latents in UNet space -> images in [0, 1] (the runtime only converts to uint8)."""
@@ -95,11 +100,20 @@ def export_component(models, component: str, path: str | Path, shape_range: Shap
     weights_map: a dict to fill with the component's weights map (export/weights_map.py); the weights then go to
     an external data file, whose offsets the map records.
     """
+    spec: IOSpec = specs_for(models.config, shape_range)[component]
+    parameters = _lora_parameters(models, component) if weights_map is not None else None
+    return export_module(component_module(models, component), spec, path, shape_range, opset, precision,
+                         parameters, weights_map)
+
+
+def export_module(module, spec: IOSpec, path: str | Path, shape_range: ShapeRange = ShapeRange(), opset: int = OPSET,
+                  precision: str = "fp32", parameters: dict | None = None,
+                  weights_map: dict | None = None) -> list[Path]:
+    """Trace ``module`` (inputs and outputs as ``spec`` declares) to ``path`` and clean the graph up."""
     import torch
 
     path = Path(path)
-    spec: IOSpec = specs_for(models.config, shape_range)[component]
-    module = component_module(models, component)
+    component = spec.name
     # Trace at the smallest size with 2 rows and a 2-chunk context: every symbolic axis differs from the fixed ones,
     # so the tracer keeps it.
     feeds = spec.sample_inputs(rows=2, height=shape_range.min_size, width=shape_range.min_size, chunks=2)
@@ -117,7 +131,6 @@ def export_component(models, component: str, path: str | Path, shape_range: Shap
             torch.onnx.export(module, args, str(raw), input_names=[t.name for t in spec.inputs],
                               output_names=[t.name for t in spec.outputs], dynamic_axes=spec.dynamic_axes(),
                               opset_version=opset, do_constant_folding=weights_map is None, dynamo=False)
-        parameters = _lora_parameters(models, component) if weights_map is not None else None
         # A model traced in fp16 is fp16 already: no float32 -> float16 conversion (and no second copy for it).
         convert = "fp32" if dtype == torch.float16 else precision
         return clean_up(raw, path, precision=convert, parameters=parameters, weights_map=weights_map)

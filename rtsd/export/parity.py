@@ -97,26 +97,32 @@ def judge(name: str, metrics: Metrics, precision: str) -> Check:
 
 def check_engine_dir(engine_dir: str | Path, checkpoint: str | Path, *, backend: str | None = None,
                      shapes: tuple[tuple[int, int, int], ...] = ((1, 256, 256), (2, 256, 320)),
-                     steps: int = 4, progress: Callable[[str], None] | None = None) -> ParityReport:
+                     steps: int = 4, progress: Callable[[str], None] | None = None,
+                     controlnets: dict[str, str | Path] | None = None) -> ParityReport:
     """Run every sub-model of ``engine_dir`` and the reference on the same inputs, then one short generation.
 
     shapes: (images, height, width) per sub-model check, clipped into the exported range.
+    controlnets: {name: file} of the directory's ControlNets (default: the files recorded at export, when they are
+    still there with the same sha256; a ControlNet without its file is not checked, and the report says so).
     """
     import torch
 
+    from rtsd.export.controlnet import reference_controlnets
     from rtsd.models import load_checkpoint
 
     models = load_checkpoint(checkpoint, dtype=torch.float32, device="cpu")
     return check_against_reference(engine_dir, models, backend=backend, shapes=shapes, steps=steps,
-                                   progress=progress)
+                                   progress=progress,
+                                   controlnets=reference_controlnets(engine_dir, controlnets or {}, progress))
 
 
 def check_against_reference(engine_dir: str | Path, models, *, backend: str | None = None,
                             shapes: tuple[tuple[int, int, int], ...] = ((1, 256, 256),), steps: int = 4,
-                            progress: Callable[[str], None] | None = None) -> ParityReport:
+                            progress: Callable[[str], None] | None = None,
+                            controlnets: dict | None = None) -> ParityReport:
     """``check_engine_dir`` with the reference models already loaded (``export`` checks what it just wrote).
 
-    steps=0 skips the end-to-end generation.
+    steps=0 skips the end-to-end generation. controlnets: {name: reference ControlNet module} to check.
     """
     from rtsd.runtime import Runtime
 
@@ -142,6 +148,15 @@ def check_against_reference(engine_dir: str | Path, models, *, backend: str | No
                            for t in spec.outputs), key=lambda m: m.rel_l2)
             shape = "x".join(map(str, feeds[spec.inputs[0].name].shape))
             check = judge(f"{name} {shape}", metrics, _precision(manifest, name, runtime.backend_name))
+            say(f"      {check.name}: rel_l2 {check.metrics.rel_l2:.2e} cosine {check.metrics.cosine:.6f}")
+            report.checks.append(check)
+        for name, model in (controlnets or {}).items():
+            from rtsd.export.controlnet import component_name, controlnet_parity
+
+            component = component_name(name)
+            check = controlnet_parity(engines[component], model, r, _precision(manifest, component,
+                                                                                runtime.backend_name),
+                                      images=images, height=height, width=width)
             say(f"      {check.name}: rel_l2 {check.metrics.rel_l2:.2e} cosine {check.metrics.cosine:.6f}")
             report.checks.append(check)
     if steps > 0:

@@ -28,7 +28,8 @@ def export(checkpoint: str | Path, output: str | Path, *, shape_range: ShapeRang
            precision: str = "fp32", backend: str = "onnx", prediction_type: str | None = None,
            overwrite: bool = False, progress: Progress | None = print, tensorrt_options: dict | None = None,
            components: Sequence[str] = COMPONENTS, clip_skip: int | None = None, check: bool = True,
-           loras: Sequence[tuple[str | Path, float]] = ()) -> Path:
+           loras: Sequence[tuple[str | Path, float]] = (),
+           controlnets: Sequence[tuple[str, str | Path]] = ()) -> Path:
     """Export ``checkpoint`` to the engine directory ``output``; returns its path.
 
     backend: "onnx" (ONNX files only, run with ONNX Runtime) or "tensorrt" (also builds fp16 .plan engines).
@@ -38,6 +39,7 @@ def export(checkpoint: str | Path, output: str | Path, *, shape_range: ShapeRang
     check: run every engine written against the reference at the smallest exported size (DESIGN.md thresholds);
         the metrics go into the manifest, and an engine past its threshold fails the export (nothing is written).
     loras: (file, scale) pairs merged into the weights before the ONNX export, in order; recorded in the manifest.
+    controlnets: (name, file) pairs: one ControlNet engine each (export/controlnet.py), checked like the others.
     """
     shape_range = shape_range or ShapeRange()
     output = Path(output)
@@ -45,12 +47,13 @@ def export(checkpoint: str | Path, output: str | Path, *, shape_range: ShapeRang
     _check_request(output, overwrite, precision, backend, prediction_type)
     with sigterm_as_interrupt():
         return _export(checkpoint, output, shape_range, precision, backend, prediction_type, say, tensorrt_options,
-                       components, clip_skip, check, loras)
+                       components, clip_skip, check, loras, controlnets)
 
 
 def _export(checkpoint, output: Path, shape_range: ShapeRange, precision: str, backend: str,
             prediction_type: str | None, say: Progress, tensorrt_options: dict | None, components: Sequence[str],
-            clip_skip: int | None, check: bool, loras: Sequence[tuple[str | Path, float]]) -> Path:
+            clip_skip: int | None, check: bool, loras: Sequence[tuple[str | Path, float]],
+            controlnets: Sequence[tuple[str, str | Path]] = ()) -> Path:
     if backend == "tensorrt":
         from rtsd.export.tensorrt import require_tensorrt
 
@@ -62,7 +65,7 @@ def _export(checkpoint, output: Path, shape_range: ShapeRange, precision: str, b
     from rtsd.models import load_checkpoint
 
     check = check and tuple(components) == COMPONENTS
-    stages = 3 + len(components) + (backend == "tensorrt") + check + bool(loras)
+    stages = 3 + len(components) + (backend == "tensorrt") + check + bool(loras) + len(controlnets)
     stage = _Stages(stages, say)
     with stage("reading checkpoint"):
         source = open_checkpoint(checkpoint)
@@ -82,6 +85,11 @@ def _export(checkpoint, output: Path, shape_range: ShapeRange, precision: str, b
 
         with stage(f"merging {len(loras)} LoRA(s) into the weights"):
             baked = bake_loras(models, loras)
+    control = {}
+    if controlnets:
+        from rtsd.export.controlnet import load_for
+
+        control = load_for(config, controlnets)  # a ControlNet of another family fails here, before any export
 
     for stale in remove_stale_work_dirs(output):
         say(f"      removed {stale.name}, left by an export that was killed")
@@ -106,6 +114,12 @@ def _export(checkpoint, output: Path, shape_range: ShapeRange, precision: str, b
                              "data_sha256": {f.name: _sha256_remembered(f) for f in files[1:]}},
                     "io": specs[name].to_dict(), "profile": _profile_json(specs[name].profile(shape_range)),
                     "engines": {}, **({"weights_map": weights_map} if weights_map is not None else {})}
+        from rtsd.export.controlnet import component_name, export_controlnet
+
+        for name, (model, info) in control.items():
+            with stage(f"exporting ControlNet {name} to ONNX ({precision})"):
+                records[component_name(name)] = export_controlnet(name, model, info, config, work, shape_range,
+                                                                  precision)
         manifest = Manifest(model=config, shape_range=shape_range,
                             tokenizer=_tokenizer_record(models.tokenizer, work / "tokenizer"),
                             source={"checkpoint": Path(checkpoint).name, "sha256": source.sha256(),
@@ -117,10 +131,12 @@ def _export(checkpoint, output: Path, shape_range: ShapeRange, precision: str, b
             from rtsd.export.tensorrt import build_engines
 
             with stage("building TensorRT engines (fp16)"):
-                build_engines(work, manifest, progress=say, **tensorrt_build_options(config, tensorrt_options))
+                plans = COMPONENTS + tuple(name for name in records if name not in COMPONENTS)  # + ControlNets
+                build_engines(work, manifest, progress=say,
+                              **{"components": plans, **tensorrt_build_options(config, tensorrt_options)})
         if check:
             with stage(f"checking every engine against the PyTorch reference ({shape_range.min_size} px)"):
-                _check_parity(work, models, backend, shape_range)
+                _check_parity(work, models, backend, shape_range, {n: m for n, (m, _) in control.items()})
         _replace_dir(work, output)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
@@ -129,13 +145,13 @@ def _export(checkpoint, output: Path, shape_range: ShapeRange, precision: str, b
     return output
 
 
-def _check_parity(work: Path, models, backend: str, shape_range: ShapeRange) -> None:
+def _check_parity(work: Path, models, backend: str, shape_range: ShapeRange, controlnets: dict | None = None) -> None:
     """Record per-engine parity in the manifest; refuse to deliver an engine directory that fails it."""
     from rtsd.export.parity import check_against_reference
 
     size = shape_range.min_size
     report = check_against_reference(work, models, backend="tensorrt" if backend == "tensorrt" else "onnxruntime",
-                                     shapes=((1, size, size),), steps=0)
+                                     shapes=((1, size, size),), steps=0, controlnets=controlnets)
     manifest = Manifest.read(work)
     for check in report.checks:
         name = check.name.split()[0]

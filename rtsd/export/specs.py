@@ -8,6 +8,12 @@ request (images per call, height, width in pixels):
     height, width  image size in pixels
     latent_height, latent_width   image size / the VAE's downsample factor (8)
     context_length the UNet's text context: 77 tokens x prompt chunks (1..max_prompt_tokens / 75)
+    latent_height_divD, latent_width_divD   ceil(latent size / D) (D = 2, 4, 8): ControlNet residuals of deeper
+                   UNet levels (stride-2 convolutions round up)
+
+ControlNet (format 5): the UNet also takes one residual per input block plus the middle block (rtsd.control_layout;
+13 for SD 1.x / 2.x), zeros when no ControlNet runs; each ControlNet engine takes the UNet's inputs plus the control
+image at full resolution and one conditioning scale per residual, and returns the residuals, scaled.
 
 Prompts longer than 75 tokens are split into chunks of 75 (rtsd.prompt); the text encoder encodes each chunk as a
 77-token row (one call per chunk position, rows = images x2 as for one chunk) and the UNet takes the chunks joined
@@ -26,6 +32,7 @@ from typing import Mapping
 import numpy as np
 
 from rtsd.config import ModelConfig
+from rtsd.control_layout import residual_layout
 
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 DTYPES = ("float32", "float16", "int64", "int32")
@@ -143,6 +150,9 @@ class IOSpec:
         ``chunks`` 77-token chunks)."""
         dims = {"batch": rows, "height": height, "width": width, CONTEXT_AXIS: CHUNK_LENGTH * chunks,
                 "latent_height": height // self.downsample, "latent_width": width // self.downsample}
+        for d in LEVEL_DIVISORS:
+            dims[f"latent_height_div{d}"] = -(-dims["latent_height"] // d)
+            dims[f"latent_width_div{d}"] = -(-dims["latent_width"] // d)
         return {t.name: t.resolve(dims) for t in self.inputs + self.outputs}
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
@@ -198,6 +208,12 @@ class IOSpec:
                 elif dims.setdefault(want, got) != got:
                     raise ValueError(f"{self.name}.{spec.name}: '{want}' is {got} here but {dims[want]} in another "
                                      f"input (shape {_fmt(spec.shape)}, got {tuple(array.shape)})")
+        for d in LEVEL_DIVISORS:  # ControlNet residuals: their sizes follow the latent's (rounded up per level)
+            for axis in ("latent_height", "latent_width"):
+                derived = f"{axis}_div{d}"
+                if derived in dims and axis in dims and dims[derived] != -(-dims[axis] // d):
+                    raise ValueError(f"{self.name}: '{derived}' is {dims[derived]}, but {axis} {dims[axis]} needs "
+                                     f"{-(-dims[axis] // d)} (ceil({axis} / {d})): a residual of the wrong size")
         return dims
 
     def sample_inputs(self, rows: int, height: int, width: int, seed: int = 0,
@@ -221,8 +237,10 @@ class IOSpec:
                 feeds[spec.name] = np.full(shape, 999.0 * rng.random(), dtype=spec.dtype)
             elif spec.name == "time_ids":  # sizes and crops in pixels (the refiner's aesthetic score: ~6)
                 feeds[spec.name] = rng.integers(0, 1024, size=shape).astype(spec.dtype)
-            elif spec.name == "images":
+            elif spec.name in ("images", "control_image"):
                 feeds[spec.name] = rng.random(shape, dtype=np.float32).astype(spec.dtype)
+            elif spec.name == "conditioning_scale":
+                feeds[spec.name] = rng.uniform(0.5, 1.5, size=shape).astype(spec.dtype)
             else:
                 feeds[spec.name] = rng.standard_normal(shape, dtype=np.float32).astype(spec.dtype)
         return feeds
@@ -245,8 +263,31 @@ def extra_rows(shape_range: ShapeRange, batch_factor: int = 2) -> int:
     return shape_range.max_batch * batch_factor * CHUNK_TOKENS
 
 
-def specs_for(config: ModelConfig, shape_range: ShapeRange | None = None) -> dict[str, IOSpec]:
-    """The four sub-model contracts for one model configuration (``shape_range`` sizes ``extra_embeddings``)."""
+def residual_specs(config: ModelConfig) -> tuple[TensorSpec, ...]:
+    """The ControlNet residuals the UNet takes (and a ControlNet engine returns), derived from the UNetConfig."""
+    return tuple(TensorSpec(r.name, "float32", ("batch", r.channels, *_latent_dims(r.downsample)))
+                 for r in residual_layout(config.unet))
+
+
+def controlnet_spec(config: ModelConfig, component: str = "controlnet") -> IOSpec:
+    """One ControlNet engine: the UNet's sample/timestep/context, the control image at full resolution ([0, 1] RGB)
+    and one conditioning scale per residual -> the scaled residuals."""
+    unet, f = config.unet, config.vae.downsample_factor
+    residuals = residual_specs(config)
+    return IOSpec(
+        component,
+        inputs=(TensorSpec("sample", "float32", ("batch", unet.in_channels, "latent_height", "latent_width")),
+                TensorSpec("timestep", "float32", ("batch",)),
+                TensorSpec("encoder_hidden_states", "float32", ("batch", CONTEXT_AXIS, unet.context_dim)),
+                TensorSpec("control_image", "float32", ("batch", 3, "height", "width")),
+                TensorSpec("conditioning_scale", "float32", (len(residuals),))),
+        outputs=residuals, batch_factor=2, downsample=f)
+
+
+def specs_for(config: ModelConfig, shape_range: ShapeRange | None = None,
+              control_residuals: bool = True) -> dict[str, IOSpec]:
+    """The four sub-model contracts for one model configuration (``shape_range`` sizes ``extra_embeddings``);
+    ``control_residuals``: the UNet takes ControlNet residuals (format 5 on; False: the UNet of older formats)."""
     te, unet, vae = config.text_encoder, config.unet, config.vae
     seq, width, f = te.max_position_embeddings, config.context_dim, vae.downsample_factor
     latent = ("batch", vae.embed_dim, "latent_height", "latent_width")
@@ -268,7 +309,8 @@ def specs_for(config: ModelConfig, shape_range: ShapeRange | None = None) -> dic
             inputs=(TensorSpec("sample", "float32", ("batch", unet.in_channels, "latent_height", "latent_width")),
                     TensorSpec("timestep", "float32", ("batch",)),
                     TensorSpec("encoder_hidden_states", "float32", ("batch", CONTEXT_AXIS, unet.context_dim)),
-                    *added),
+                    *added,
+                    *(residual_specs(config) if control_residuals else ())),
             outputs=(TensorSpec("model_output", "float32", ("batch", unet.out_channels, "latent_height", "latent_width")),),
             batch_factor=2, downsample=f),
         # The decoder maps to [0, 1] and the encoder takes [0, 1], so hosts never redo the VAE's [-1, 1] convention.
@@ -302,6 +344,15 @@ def prompt_contract(config: ModelConfig, shape_range: ShapeRange, text_spec: IOS
         "emphasis": "A1111 'Original': each chunk's hidden_states row-wise times its token weights, then scaled "
                     "so the chunk's mean equals its unweighted mean",
     }
+
+
+LEVEL_DIVISORS = (2, 4, 8, 16, 32)
+
+
+def _latent_dims(downsample: int) -> tuple[str, str]:
+    if downsample == 1:
+        return "latent_height", "latent_width"
+    return f"latent_height_div{downsample}", f"latent_width_div{downsample}"
 
 
 def _keep_context(tensor: TensorSpec, opt: tuple[int, ...], corner: tuple[int, ...]) -> tuple[int, ...]:

@@ -128,7 +128,8 @@ def build_engines(engine_dir: str | Path, manifest: Manifest, *, components: Ite
     """
     engine_dir = Path(engine_dir)
     components, fp32_fallback = tuple(components), set(fp32_fallback)
-    unknown = sorted((set(components) | set(fp32_components or ()) | fp32_fallback) - set(COMPONENTS))
+    unknown = sorted((set(components) | set(fp32_components or ()) | fp32_fallback) - set(manifest.components)
+                     - set(COMPONENTS))  # ControlNet components (controlnet.NAME) are the manifest's own
     if unknown:
         raise ValueError(f"unknown component(s) {unknown}; choose from {', '.join(COMPONENTS)}")
     if not 0 <= optimization_level <= 5:

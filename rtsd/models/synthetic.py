@@ -291,3 +291,45 @@ def _safetensors_header(specs: list[TensorSpec]) -> bytes:
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # keep the data 8-byte aligned, as the reference writer does
     return struct.pack("<Q", len(text)) + text
+
+
+# ------------------------------------------------------------------------------------------------------ ControlNet
+
+CONTROLNET_PREFIX = "control_model."
+
+
+def controlnet_specs(preset: str | ModelConfig, dtype: torch.dtype = torch.float32,
+                     prefix: str = CONTROLNET_PREFIX) -> list[TensorSpec]:
+    """Every tensor of an LDM ControlNet file for the preset's UNet (control_v11p_sd15_*: ``control_model.*``;
+    ``prefix=""``: the prefix-less files), in file order."""
+    from rtsd.models.controlnet import ControlNetModel
+
+    with torch.device("meta"):
+        model = ControlNetModel(preset_config(preset).unet)
+    specs = [TensorSpec(f"{prefix}{module_name}.{param_name}", tuple(param.shape), dtype, _init_kind(module, param_name))
+             for module_name, module in model.named_modules()
+             for param_name, param in module.named_parameters(recurse=False)]
+    return sorted(specs, key=lambda spec: spec.key)
+
+
+def controlnet_parameter_count(preset: str | ModelConfig) -> int:
+    """Parameters of the preset's ControlNet, counted from shapes (nothing allocated): 361,279,120 for sd15."""
+    return sum(math.prod(spec.shape) for spec in controlnet_specs(preset))
+
+
+def write_controlnet(path: str | os.PathLike, preset: str | ModelConfig = "tiny", seed: int = 0,
+                     dtype: torch.dtype = torch.float32, prefix: str = CONTROLNET_PREFIX) -> Path:
+    """A random-weight ControlNet ``.safetensors`` in the LDM layout, for the preset's UNet (the zero convs get
+    random weights too, as after training, so every residual carries signal)."""
+    specs = controlnet_specs(preset, dtype, prefix)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "wb") as f:
+        f.write(_safetensors_header(specs))
+        for spec in specs:
+            # Values follow the prefixed key, so files with and without the prefix hold the same weights.
+            named = spec._replace(key=CONTROLNET_PREFIX + spec.key[len(prefix):])
+            f.write(_generate(named, seed, {}).reshape(-1).view(torch.uint8).numpy())
+    os.replace(tmp, path)
+    return path

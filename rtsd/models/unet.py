@@ -252,8 +252,10 @@ class UNetModel(nn.Module):
     def forward(
         self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
         text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None,
+        down_residuals: "list[torch.Tensor] | None" = None, mid_residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``text_embeds`` (N, pooled) and ``time_ids`` (N, ids): SDXL's added conditions (``adm_in_channels``)."""
+        """``text_embeds`` (N, pooled) and ``time_ids`` (N, ids): SDXL's added conditions (``adm_in_channels``);
+        ``down_residuals`` / ``mid_residual``: ControlNet residuals added to the skip connections and the middle block."""
         if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
             self._check_sample(sample)
         # A 0-d or (1,) timestep is broadcast over the batch; (N,) passes through unchanged.
@@ -268,7 +270,11 @@ class UNetModel(nn.Module):
         for block in self.input_blocks:
             h = block(h, emb, encoder_hidden_states)
             skips.append(h)
+        if down_residuals is not None:  # ControlNet: one residual per skip connection (rtsd.control_layout)
+            skips = [skip + residual for skip, residual in zip(skips, down_residuals, strict=True)]
         h = self.middle_block(h, emb, encoder_hidden_states)
+        if mid_residual is not None:
+            h = h + mid_residual
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
             # An upsampler at the end of this block must land on the next skip's size (odd after a rounded-up
