@@ -170,7 +170,7 @@ def test_unet_with_residuals_matches_diffusers_additional_residuals(which, engin
     sample, t, context = (torch.from_numpy(feeds[k]) for k in ("sample", "timestep", "encoder_hidden_states"))
     residuals = [torch.from_numpy(feeds[n]) for n in names]
     with torch.inference_mode():
-        ref = reference(sample, t, context, residuals[:-1], residuals[-1]).numpy()
+        ref = reference(sample, t, context, down_residuals=residuals[:-1], mid_residual=residuals[-1]).numpy()
         theirs = oracle(sample, t, context, down_block_additional_residuals=tuple(residuals[:-1]),
                         mid_block_additional_residual=residuals[-1]).sample.numpy()
         plain = oracle(sample, t, context).sample.numpy()

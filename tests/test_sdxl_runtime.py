@@ -68,9 +68,11 @@ def test_manifest_records_sdxl_contract(base_dir):
     assert manifest["format_version"] == FORMAT_VERSION and manifest["model"]["family"] == "sdxl"
     text, unet = manifest["components"]["text_encoder"]["io"], manifest["components"]["unet"]["io"]
     assert [t["name"] for t in text["outputs"]] == ["hidden_states", "text_embeds"]
+    # SDXL's added conditions, then one ControlNet residual per input block (9 for SDXL's 3 levels) and the middle's
     assert [t["name"] for t in unet["inputs"]] == ["sample", "timestep", "encoder_hidden_states", "text_embeds",
-                                                   "time_ids"]
-    assert unet["inputs"][-1]["shape"] == ["batch", 6]
+                                                   "time_ids", *(f"down_residual_{i}" for i in range(9)),
+                                                   "mid_residual"]
+    assert next(t for t in unet["inputs"] if t["name"] == "time_ids")["shape"] == ["batch", 6]
 
 
 @pytest.mark.parametrize("which", ["tiny-sdxl", "tiny-sdxl-refiner"])
