@@ -14,8 +14,9 @@ token axis.
 Emphasis (``apply_emphasis``): A1111's "Original" mode scales each token's encoded vector by its weight, then scales
 the whole chunk back so its mean equals the mean before weighting. Unlike A1111, which takes that mean over every
 prompt of a batch at once, rtsd takes it per prompt, so a prompt's conditioning does not depend on its batch mates
-(the two agree for a batch of one prompt, A1111's usual case). Also unlike A1111, ``BREAK`` inside brackets still
-breaks (A1111 would encode the word with a negative weight).
+(the two agree for a batch of one prompt, A1111's usual case). SDXL's context joins two encoders' outputs along the
+channels: each part restores its own mean, as in A1111, which wraps each SDXL embedder on its own. Also unlike
+A1111, ``BREAK`` inside brackets still breaks (A1111 would encode the word with a negative weight).
 
 Pure Python + NumPy: the torch-free runtime uses it.
 """
@@ -166,14 +167,21 @@ def frame(chunk: Chunk, bos: int, eos: int, pad: int, length: int = CHUNK_TOKENS
     return [bos, *chunk.slots, eos] + [pad] * padding, [1.0, *chunk.weights, 1.0] + [1.0] * padding
 
 
-def apply_emphasis(hidden: np.ndarray, weights: np.ndarray) -> np.ndarray:
+def apply_emphasis(hidden: np.ndarray, weights: np.ndarray, widths: Sequence[int] | None = None) -> np.ndarray:
     """A1111 "Original" emphasis on encoded chunks: hidden (rows, 77, C) x weights (rows, 77), then each row rescaled
-    so its mean is what it was before weighting. Rows whose weights are all 1 are returned unchanged, bit for bit."""
+    so its mean is what it was before weighting. ``widths`` splits C into the text encoders' parts (SDXL: ViT-L's,
+    then bigG's), each restoring its own mean, as A1111 does by wrapping every SDXL embedder on its own. Rows whose
+    weights are all 1 are returned unchanged, bit for bit."""
     hidden = np.asarray(hidden, dtype=np.float32)
     weights = np.asarray(weights, dtype=np.float32)
+    bounds = np.cumsum([0, *(widths or (hidden.shape[-1],))])
+    if bounds[-1] != hidden.shape[-1]:
+        raise ValueError(f"encoder widths {list(widths or ())} do not add up to the hidden size {hidden.shape[-1]}")
     out = hidden.copy()
     for row in np.flatnonzero((weights != 1.0).any(axis=1)):
-        before = hidden[row].mean(dtype=np.float64)
-        weighted = hidden[row] * weights[row][:, None]
-        out[row] = weighted * np.float32(before / weighted.mean(dtype=np.float64))
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            part = hidden[row, :, start:stop]
+            before = part.mean(dtype=np.float64)
+            weighted = part * weights[row][:, None]
+            out[row, :, start:stop] = weighted * np.float32(before / weighted.mean(dtype=np.float64))
     return out

@@ -48,6 +48,7 @@ class TextConditioning:
         te = config.text_encoder
         # SDXL: one extra row holds every encoder's vector side by side (clip_l | clip_g), as the context does.
         self.vocab_size, self.width = te.vocab_size, config.context_dim
+        self.encoder_widths = tuple(e.hidden_size for e in config.text_encoders)  # emphasis: a mean per encoder
         parts = tuple("clip_l" if e.kind == "clip" else "clip_g" for e in config.text_encoders) \
             if config.pooled_dim else ()
         self.embeddings = EmbeddingStore(self.width, FAMILY_NAMES.get(config.family, config.family),
@@ -106,7 +107,7 @@ class TextConditioning:
                 pooled = outputs.get("text_embeds")
             weights = np.array([w for _, w in framed], dtype=np.float32)
             if (weights != 1.0).any():  # emphasis on the host: a few hundred KB per chunk
-                hidden = xp.asarray(apply_emphasis(engine.to_host(hidden), weights))
+                hidden = xp.asarray(apply_emphasis(engine.to_host(hidden), weights, self.encoder_widths))
             parts.append(hidden)
         return (parts[0] if len(parts) == 1 else xp.concatenate(parts, axis=1)), pooled
 
