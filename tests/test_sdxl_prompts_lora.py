@@ -159,11 +159,11 @@ LORA_CONFIGS = {"unet": (8, 4.0, UNET_TARGETS), "text_encoder": (4, 8.0, TEXT_TA
 
 
 def _diffusers_sdxl_lora(pipe, directory, seed=0):
-    """A LoRA file as diffusers writes it for SDXL: PEFT adapters added to the UNet and both text encoders, their
-    lora_B given random values (PEFT starts them at zero), saved by StableDiffusionXLPipeline.save_lora_weights
+    """A LoRA file as diffusers writes it for SDXL: PEFT adapters added to the UNet and both text encoders, given
+    random values (PEFT starts lora_B at zero), saved by StableDiffusionXLPipeline.save_lora_weights
     (unet. / text_encoder. / text_encoder_2. keys and the LoraConfig metadata)."""
     from diffusers import StableDiffusionXLPipeline
-    from peft import LoraConfig
+    from peft import LoraConfig, inject_adapter_in_model
     from peft.utils import get_peft_model_state_dict
 
     g = torch.Generator().manual_seed(seed)
@@ -171,11 +171,13 @@ def _diffusers_sdxl_lora(pipe, directory, seed=0):
     for name, (rank, alpha, targets) in LORA_CONFIGS.items():
         model = getattr(pipe, name)
         config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights="gaussian")
-        model.add_adapter(config)
+        inject_adapter_in_model(config, model)  # what diffusers' add_adapter does (transformers' wants peft >= 0.22)
         with torch.no_grad():
-            for key, parameter in model.named_parameters():
-                if "lora_B" in key:
-                    parameter.copy_(torch.randn(parameter.shape, generator=g) * 0.5)
+            for key, parameter in model.named_parameters():  # a trained LoRA's scale: updates a fraction of W
+                if "lora_A" in key:
+                    parameter.copy_(torch.randn(parameter.shape, generator=g) / parameter[0].numel() ** 0.5)
+                elif "lora_B" in key:
+                    parameter.copy_(torch.randn(parameter.shape, generator=g) * 0.2)
         layers[f"{name}_lora_layers"] = get_peft_model_state_dict(model)
         metadata[f"{name}_lora_adapter_metadata"] = config.to_dict()
     StableDiffusionXLPipeline.save_lora_weights(str(directory), **layers, **metadata)
