@@ -210,3 +210,26 @@ def test_diffusers_peft_sdxl_lora_matches_load_lora_weights(runtime, checkpoint,
     print(f"SDXL PEFT LoRA: PSNR {value:.1f} dB vs diffusers, {moved:.1f} dB vs without it")
     assert value > FP32_END_TO_END_DB, f"SDXL PEFT LoRA PSNR {value:.1f} dB"
     assert moved < FP32_END_TO_END_DB - 20
+
+
+def test_sdxl_peft_lora_with_an_unknown_key_fails_in_one_line_and_applies_nothing(runtime, peft_lora, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from rtsd.adapters.lora import LoraError
+
+    with safe_open(str(peft_lora), "pt") as f:
+        state, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    # bigG has 2 layers in tiny-sdxl: a layer 7 is a LoRA made for another model
+    state["text_encoder_2.text_model.encoder.layers.7.mlp.fc1.lora_A.weight"] = torch.zeros(4, 128)
+    state["text_encoder_2.text_model.encoder.layers.7.mlp.fc1.lora_B.weight"] = torch.zeros(512, 4)
+    bad = tmp_path / "bad.safetensors"
+    save_file(state, str(bad), metadata=metadata)
+    kwargs = dict(steps=2, guidance_scale=6.0, height=64, width=96, scheduler="euler", latents=LATENTS)
+    before = runtime.generate("a fox", loras={}, **kwargs).images[0]
+    with pytest.raises(LoraError) as info:
+        runtime.generate("a fox", loras={bad: 1.0}, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message and "layers.7.mlp.fc1" in message and "nothing was applied" in message
+    after = runtime.generate("a fox", loras={}, **kwargs).images[0]
+    assert np.array_equal(np.asarray(before), np.asarray(after))
