@@ -158,7 +158,7 @@ LORA_CONFIGS = {"unet": (8, 4.0, UNET_TARGETS), "text_encoder": (4, 8.0, TEXT_TA
                 "text_encoder_2": (4, 2.0, TEXT_TARGETS)}
 
 
-def _diffusers_sdxl_lora(pipe, directory, seed=0):
+def _diffusers_sdxl_lora(pipe, directory, components=tuple(LORA_CONFIGS), seed=0):
     """A LoRA file as diffusers writes it for SDXL: PEFT adapters added to the UNet and both text encoders, given
     random values (PEFT starts lora_B at zero), saved by StableDiffusionXLPipeline.save_lora_weights
     (unet. / text_encoder. / text_encoder_2. keys and the LoraConfig metadata)."""
@@ -168,7 +168,8 @@ def _diffusers_sdxl_lora(pipe, directory, seed=0):
 
     g = torch.Generator().manual_seed(seed)
     layers, metadata = {}, {}
-    for name, (rank, alpha, targets) in LORA_CONFIGS.items():
+    for name in components:
+        rank, alpha, targets = LORA_CONFIGS[name]
         model = getattr(pipe, name)
         config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights="gaussian")
         inject_adapter_in_model(config, model)  # what diffusers' add_adapter does (transformers' wants peft >= 0.22)
@@ -233,3 +234,74 @@ def test_sdxl_peft_lora_with_an_unknown_key_fails_in_one_line_and_applies_nothin
     assert "\n" not in message and "layers.7.mlp.fc1" in message and "nothing was applied" in message
     after = runtime.generate("a fox", loras={}, **kwargs).images[0]
     assert np.array_equal(np.asarray(before), np.asarray(after))
+
+
+# ------------------------------------------------------------------------------------------------- refiner
+
+REFINER_LATENTS = LATENTS  # stand-in for a base's hand-off latents at denoising_start 0.5
+# The refiner's export and pipelines take ~25-45 s on 2 cores: python -m pytest -m slow tests/test_sdxl_prompts_lora.py
+
+
+@pytest.fixture(scope="module")
+def refiner_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("refiner")
+    checkpoint = write_checkpoint(root / "tiny-sdxl-refiner.safetensors", "tiny-sdxl-refiner")
+    return checkpoint, export(checkpoint, root / "engines", shape_range=RANGE, progress=None, check=False)
+
+
+def _refiner_pair(refiner_files, prompt, *, loras=None, embedding=None):
+    """(rtsd image, diffusers image): the refiner continuing REFINER_LATENTS from denoising_start 0.5."""
+    checkpoint, engine_dir = refiner_files
+    runtime = Runtime(engine_dir, backend="onnxruntime")
+    pipe = sdxl_pipeline(checkpoint, "sdxl_refiner", engine_dir / "tokenizer", diffusers_scheduler("euler", "sdxl"),
+                         mode="img2img")
+    if embedding is not None:
+        path, vectors = embedding
+        runtime.load_textual_inversion(path)
+        pipe.load_textual_inversion(torch.from_numpy(vectors), token=path.stem, text_encoder=pipe.text_encoder_2,
+                                    tokenizer=pipe.tokenizer_2)
+    if loras:
+        pipe.load_lora_weights(str(next(iter(loras))))
+        pipe.fuse_lora(lora_scale=next(iter(loras.values())))
+    ours = runtime.generate(prompt, "blurry", steps=8, guidance_scale=5.0, height=64, width=96, scheduler="euler",
+                            latents=REFINER_LATENTS, denoising_start=0.5, loras=loras or {}).images[0]
+    with torch.inference_mode():
+        theirs = pipe(prompt, negative_prompt="blurry", image=torch.from_numpy(REFINER_LATENTS), num_inference_steps=8,
+                      guidance_scale=5.0, denoising_start=0.5, output_type="np").images[0]
+    plain = Runtime(engine_dir, backend="onnxruntime").generate(
+        prompt, "blurry", steps=8, guidance_scale=5.0, height=64, width=96, scheduler="euler",
+        latents=REFINER_LATENTS, denoising_start=0.5).images[0]
+    # Most pixels inside 0..255, so the comparison sees the image (3x these latents clip it: "inf dB", measured)
+    assert np.mean((np.asarray(ours) == 0) | (np.asarray(ours) == 255)) < 0.5
+    return ours, theirs, plain
+
+
+@pytest.mark.slow
+def test_refiner_textual_inversion_uses_the_clip_g_vectors(refiner_files, tmp_path):
+    """An SDXL embedding file (clip_l + clip_g) on the refiner, whose only encoder is bigG: its clip_g vectors, as
+    diffusers' load_textual_inversion into text_encoder_2 gives them."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(11)
+    vectors = {"clip_l": (rng.standard_normal((2, 64)) * 2).astype(np.float32),
+               "clip_g": (rng.standard_normal((2, 128)) * 2).astype(np.float32)}
+    path = tmp_path / "mystyle.safetensors"
+    save_file(vectors, str(path))
+    ours, theirs, plain = _refiner_pair(refiner_files, "a photo of mystyle, a castle",
+                                        embedding=(path, vectors["clip_g"]))
+    value, moved = image_psnr(ours, theirs), psnr(np.asarray(ours), np.asarray(plain), peak=255.0)
+    print(f"refiner textual inversion: PSNR {value:.1f} dB vs diffusers, {moved:.1f} dB vs without it")
+    assert value > FP32_END_TO_END_DB and moved < FP32_END_TO_END_DB - 20
+
+
+@pytest.mark.slow
+def test_refiner_peft_lora_matches_diffusers(refiner_files, tmp_path):
+    """A diffusers-written refiner LoRA (UNet + text_encoder_2: the refiner has no ViT-L)."""
+    checkpoint, engine_dir = refiner_files
+    writer = sdxl_pipeline(checkpoint, "sdxl_refiner", engine_dir / "tokenizer", diffusers_scheduler("euler", "sdxl"),
+                           mode="img2img")
+    path = _diffusers_sdxl_lora(writer, tmp_path, components=("unet", "text_encoder_2"), seed=5)
+    ours, theirs, plain = _refiner_pair(refiner_files, "a castle on a hill", loras={path: 0.8})
+    value, moved = image_psnr(ours, theirs), psnr(np.asarray(ours), np.asarray(plain), peak=255.0)
+    print(f"refiner PEFT LoRA: PSNR {value:.1f} dB vs diffusers, {moved:.1f} dB vs without it")
+    assert value > FP32_END_TO_END_DB and moved < FP32_END_TO_END_DB - 20
