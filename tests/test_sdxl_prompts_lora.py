@@ -305,3 +305,26 @@ def test_refiner_peft_lora_matches_diffusers(refiner_files, tmp_path):
     value, moved = image_psnr(ours, theirs), psnr(np.asarray(ours), np.asarray(plain), peak=255.0)
     print(f"refiner PEFT LoRA: PSNR {value:.1f} dB vs diffusers, {moved:.1f} dB vs without it")
     assert value > FP32_END_TO_END_DB and moved < FP32_END_TO_END_DB - 20
+
+
+def test_a_base_lora_with_vit_l_keys_does_not_fit_the_refiner(tmp_path):
+    """The refiner has bigG only: a diffusers SDXL LoRA's text_encoder. (ViT-L) key fails the file in one line."""
+    from safetensors import safe_open
+
+    from rtsd.adapters.lora import LoraError, LoraFile, lora_deltas
+    from rtsd.adapters.lora_keys import lora_table
+
+    path = write_checkpoint(tmp_path / "refiner.safetensors", "tiny-sdxl-refiner")
+    with safe_open(str(path), "np") as f:
+        shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}
+    table = lora_table(shapes, 2)
+    assert {name.split(".")[0] for name in table} == {"unet", "text_encoder_2"}
+    module = "text_encoder.text_model.encoder.layers.0.mlp.fc1"
+    lora = LoraFile(tmp_path / "base.safetensors", "0" * 64, {
+        f"{module}.lora_A.weight": np.zeros((4, 64), np.float32),
+        f"{module}.lora_B.weight": np.zeros((256, 4), np.float32),
+        "text_encoder_2.text_model.encoder.layers.0.mlp.fc1.lora_A.weight": np.zeros((4, 128), np.float32),
+        "text_encoder_2.text_model.encoder.layers.0.mlp.fc1.lora_B.weight": np.zeros((512, 4), np.float32)})
+    with pytest.raises(LoraError, match=rf"SDXL refiner model: 1 of 2 modules .*{module} \(no such weight.*nothing "
+                                        r"was applied"):
+        lora_deltas(lora, table, "sdxl_refiner")

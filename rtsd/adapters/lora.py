@@ -42,7 +42,7 @@ _ROLE = {"lora_down.weight": "down", "lora_A.weight": "down", "lora_A.default.we
          "lora_linear_layer.down.weight": "down", "down.weight": "down",
          "lora_up.weight": "up", "lora_B.weight": "up", "lora_B.default.weight": "up",
          "lora_linear_layer.up.weight": "up", "up.weight": "up", "lora_mid.weight": "mid"}
-FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sdxl_refiner": "SDXL refiner"}
 _MAX_SHOWN = 3
 
 
