@@ -167,18 +167,8 @@ def write_checkpoint(
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"synthetic checkpoints are fp32, fp16 or bf16, not {dtype}")
     config = preset_config(preset)
-    specs = checkpoint_specs(config, dtype)
     schedule = schedule_buffers(config.scheduler)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as f:
-        f.write(_safetensors_header(specs))
-        for spec in specs:
-            tensor = _generate(spec, seed, schedule)
-            f.write(tensor.reshape(-1).view(torch.uint8).numpy())
-    os.replace(tmp, path)  # never leave a truncated file under the real name
-    return path
+    return _write_safetensors(path, checkpoint_specs(config, dtype), lambda spec: _generate(spec, seed, schedule))
 
 
 def schedule_buffers(scheduler: SchedulerDefaults) -> dict[str, torch.Tensor]:
@@ -321,15 +311,20 @@ def write_controlnet(path: str | os.PathLike, preset: str | ModelConfig = "tiny"
                      dtype: torch.dtype = torch.float32, prefix: str = CONTROLNET_PREFIX) -> Path:
     """A random-weight ControlNet ``.safetensors`` in the LDM layout, for the preset's UNet (the zero convs get
     random weights too, as after training, so every residual carries signal)."""
-    specs = controlnet_specs(preset, dtype, prefix)
+    # Values follow the prefixed key, so files with and without the prefix hold the same weights.
+    return _write_safetensors(path, controlnet_specs(preset, dtype, prefix), lambda spec: _generate(
+        spec._replace(key=CONTROLNET_PREFIX + spec.key[len(prefix):]), seed, {}))
+
+
+def _write_safetensors(path: str | os.PathLike, specs, tensor_of) -> Path:
+    """Write ``specs`` (header first, then each ``tensor_of(spec)`` in order) to ``path`` without holding the whole
+    file in memory; a ``.partial`` file is renamed at the end, so no truncated file is left under the real name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
     with open(tmp, "wb") as f:
         f.write(_safetensors_header(specs))
         for spec in specs:
-            # Values follow the prefixed key, so files with and without the prefix hold the same weights.
-            named = spec._replace(key=CONTROLNET_PREFIX + spec.key[len(prefix):])
-            f.write(_generate(named, seed, {}).reshape(-1).view(torch.uint8).numpy())
+            f.write(tensor_of(spec).reshape(-1).view(torch.uint8).numpy())
     os.replace(tmp, path)
     return path
