@@ -56,6 +56,30 @@ def tiny_sd2_engine_dir(tiny_sd2_checkpoint, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def controlnet_files(tmp_path_factory):
+    """Tiny random-weight ControlNets in the LDM layout: "canny" and "depth" (SD 1.x), "sd2" (SD 2.x)."""
+    from rtsd.models.synthetic import write_controlnet
+
+    root = tmp_path_factory.mktemp("controlnets")
+    return {"canny": write_controlnet(root / "canny.safetensors", "tiny", seed=1),
+            "depth": write_controlnet(root / "depth.safetensors", "tiny", seed=2),
+            "sd2": write_controlnet(root / "sd2.safetensors", "tiny-sd2", seed=3)}
+
+
+@pytest.fixture(scope="session")
+def controlnet_engine_dir(tiny_engine_dir, controlnet_files, tmp_path_factory):
+    """A copy of the tiny engine directory with the canny and depth ControlNets added (the adapter path); tests only
+    read it."""
+    import shutil
+
+    from rtsd.export.controlnet import add_controlnets
+
+    target = tmp_path_factory.mktemp("cn-engines") / "tiny"
+    shutil.copytree(tiny_engine_dir, target)
+    return add_controlnets(target, [(name, controlnet_files[name]) for name in ("canny", "depth")], progress=None)
+
+
+@pytest.fixture(scope="session")
 def tiny_inpaint_checkpoint(tmp_path_factory):
     """Path of a ``tiny-inpaint`` preset checkpoint: ``tiny`` with a 9-input-channel (inpainting) UNet."""
     from rtsd.models.synthetic import write_checkpoint

@@ -33,26 +33,10 @@ FAMILY = {"tiny": "sd15", "tiny-sd2": "sd21"}
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("controlnets")
-    return {"canny": write_controlnet(root / "canny.safetensors", "tiny", seed=1),
-            "depth": write_controlnet(root / "depth.safetensors", "tiny", seed=2),
-            "sd2": write_controlnet(root / "sd2.safetensors", "tiny-sd2", seed=3)}
-
-
-@pytest.fixture(scope="module")
-def engine_dir(tiny_engine_dir, files, tmp_path_factory):
-    """A copy of the session's tiny engine directory with two ControlNets added (the adapter path)."""
-    target = tmp_path_factory.mktemp("cn-engines") / "tiny"
-    shutil.copytree(tiny_engine_dir, target)
-    return add_controlnets(target, [("canny", files["canny"]), ("depth", files["depth"])], progress=None)
-
-
-@pytest.fixture(scope="module")
-def sd2_engine_dir(tiny_sd2_engine_dir, files, tmp_path_factory):
+def sd2_engine_dir(tiny_sd2_engine_dir, controlnet_files, tmp_path_factory):
     target = tmp_path_factory.mktemp("cn-engines") / "tiny-sd2"
     shutil.copytree(tiny_sd2_engine_dir, target)
-    return add_controlnets(target, [("edges", files["sd2"])], progress=None)
+    return add_controlnets(target, [("edges", controlnet_files["sd2"])], progress=None)
 
 
 def _inputs(config, rows=2, size=64, seed=0):
@@ -133,9 +117,9 @@ def test_not_a_controlnet_is_one_line(tiny_checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("which", ["sd1", "sd2"])
-def test_controlnet_engine_matches_reference_and_diffusers(which, engine_dir, sd2_engine_dir, files, tmp_path):
-    directory, component, file, family = ((engine_dir, "controlnet.canny", files["canny"], "sd15") if which == "sd1"
-                                          else (sd2_engine_dir, "controlnet.edges", files["sd2"], "sd21"))
+def test_controlnet_engine_matches_reference_and_diffusers(which, controlnet_engine_dir, sd2_engine_dir, controlnet_files, tmp_path):
+    directory, component, file, family = ((controlnet_engine_dir, "controlnet.canny", controlnet_files["canny"], "sd15") if which == "sd1"
+                                          else (sd2_engine_dir, "controlnet.edges", controlnet_files["sd2"], "sd21"))
     runtime = Runtime(directory, backend="onnxruntime")
     engine = runtime.engines[component]
     spec = engine.spec
@@ -156,9 +140,9 @@ def test_controlnet_engine_matches_reference_and_diffusers(which, engine_dir, sd
 
 
 @pytest.mark.parametrize("which", ["sd1", "sd2"])
-def test_unet_with_residuals_matches_diffusers_additional_residuals(which, engine_dir, sd2_engine_dir,
+def test_unet_with_residuals_matches_diffusers_additional_residuals(which, controlnet_engine_dir, sd2_engine_dir,
                                                                      tiny_checkpoint, tiny_sd2_checkpoint):
-    directory, checkpoint, family = ((engine_dir, tiny_checkpoint, "sd15") if which == "sd1"
+    directory, checkpoint, family = ((controlnet_engine_dir, tiny_checkpoint, "sd15") if which == "sd1"
                                      else (sd2_engine_dir, tiny_sd2_checkpoint, "sd21"))
     runtime = Runtime(directory, backend="onnxruntime")
     unet = runtime.engines["unet"]
@@ -190,11 +174,11 @@ def _digests(directory):
             and p.name != "manifest.json"}
 
 
-def test_add_controlnet_leaves_every_other_engine_untouched(tiny_engine_dir, files, tmp_path, capsys):
+def test_add_controlnet_leaves_every_other_engine_untouched(tiny_engine_dir, controlnet_files, tmp_path, capsys):
     target = tmp_path / "engines"
     shutil.copytree(tiny_engine_dir, target)
     before, manifest_before = _digests(target), json.loads((target / "manifest.json").read_text())
-    assert main(["export", "--add-controlnet", str(target), f"canny={files['canny']}"]) == 0
+    assert main(["export", "--add-controlnet", str(target), f"canny={controlnet_files['canny']}"]) == 0
     after, manifest = _digests(target), json.loads((target / "manifest.json").read_text())
     assert {k: v for k, v in after.items() if k in before} == before
     assert sorted(set(after) - set(before)) == ["controlnet.canny.onnx"]
@@ -205,25 +189,25 @@ def test_add_controlnet_leaves_every_other_engine_untouched(tiny_engine_dir, fil
     assert record["profile"]["conditioning_scale"]["min"] == [13]
     assert manifest["format_version"] == FORMAT_VERSION
     # the same name again is refused in one line, and exit status 2
-    assert main(["export", "--add-controlnet", str(target), f"canny={files['canny']}"]) == 2
+    assert main(["export", "--add-controlnet", str(target), f"canny={controlnet_files['canny']}"]) == 2
     assert "already has ControlNet" in capsys.readouterr().err
 
 
-def test_family_mismatch_is_one_line_before_anything_is_written(engine_dir, files, capsys):
-    before = _digests(engine_dir)
-    assert main(["export", "--add-controlnet", str(engine_dir), f"edges={files['sd2']}"]) == 2
+def test_family_mismatch_is_one_line_before_anything_is_written(controlnet_engine_dir, controlnet_files, capsys):
+    before = _digests(controlnet_engine_dir)
+    assert main(["export", "--add-controlnet", str(controlnet_engine_dir), f"edges={controlnet_files['sd2']}"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "SD 2.x ControlNet (context width 128)" in err and "model is SD 1.x" in err
-    assert _digests(engine_dir) == before
+    assert _digests(controlnet_engine_dir) == before
     with pytest.raises(UnsupportedModelError, match="SD 2.x ControlNet"):
         from rtsd.export.controlnet import load_for
 
-        load_for(Manifest.read(engine_dir).model, [("edges", files["sd2"])])
+        load_for(Manifest.read(controlnet_engine_dir).model, [("edges", controlnet_files["sd2"])])
 
 
-def test_manifest_records_controlnets_and_contract(engine_dir):
-    manifest = Manifest.read(engine_dir)
+def test_manifest_records_controlnets_and_contract(controlnet_engine_dir):
+    manifest = Manifest.read(controlnet_engine_dir)
     assert manifest.format_version == CONTROLNET_FORMAT
     unet = manifest.spec("unet")
     assert [t.name for t in unet.inputs[3:]] == [r.name for r in residual_layout(manifest.model.unet)]
@@ -231,15 +215,15 @@ def test_manifest_records_controlnets_and_contract(engine_dir):
     assert unet.to_dict() == specs_for(manifest.model, manifest.shape_range)["unet"].to_dict()
 
 
-def test_parity_command_checks_controlnets(engine_dir, tiny_checkpoint, files, capsys):
-    code = main(["parity", str(engine_dir), "--checkpoint", str(tiny_checkpoint), "--steps", "1",
-                 "--controlnet", f"canny={files['canny']}"])
+def test_parity_command_checks_controlnets(controlnet_engine_dir, tiny_checkpoint, controlnet_files, capsys):
+    code = main(["parity", str(controlnet_engine_dir), "--checkpoint", str(tiny_checkpoint), "--steps", "1",
+                 "--controlnet", f"canny={controlnet_files['canny']}"])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "controlnet.canny" in out and "controlnet.depth" in out  # depth: the file recorded at export
 
 
-def test_format3_directory_generates_but_refuses_controlnet(tiny_engine_dir, tiny_checkpoint, files, tmp_path):
+def test_format3_directory_generates_but_refuses_controlnet(tiny_engine_dir, tiny_checkpoint, controlnet_files, tmp_path):
     """An engine directory written before ControlNet (format 3: a UNet without residual inputs) still runs the plain
     path; ControlNet requests and --add-controlnet are refused in one line that says to re-export."""
     from tests.legacy_unet import replace_with_plain_unet
@@ -255,7 +239,7 @@ def test_format3_directory_generates_but_refuses_controlnet(tiny_engine_dir, tin
     with pytest.raises(ValueError, match="before ControlNet support .* re-export"):
         runtime.generate("a cat", steps=2, height=128, width=128, controlnets=[("canny", np.zeros((128, 128, 3)))])
     with pytest.raises(EngineDirError, match="before ControlNet support .* re-export"):
-        add_controlnets(target, [("canny", files["canny"])], progress=None)
+        add_controlnets(target, [("canny", controlnet_files["canny"])], progress=None)
 
 
 @pytest.mark.slow
@@ -274,10 +258,10 @@ def test_full_size_sd15_controlnet_file_matches_diffusers(tmp_path):
         assert rel_l2(a.numpy(), b) < 1e-5, f"residual {k}"
 
 
-def test_export_refuses_a_controlnet_of_another_family_before_exporting(tiny_checkpoint, files, tmp_path, capsys):
+def test_export_refuses_a_controlnet_of_another_family_before_exporting(tiny_checkpoint, controlnet_files, tmp_path, capsys):
     out = tmp_path / "engines"
     assert main(["export", "--checkpoint", str(tiny_checkpoint), "--output", str(out),
-                 "--controlnet", f"edges={files['sd2']}"]) == 2
+                 "--controlnet", f"edges={controlnet_files['sd2']}"]) == 2
     err = capsys.readouterr()
     assert "SD 2.x ControlNet" in err.err and "exporting" not in err.out  # nothing was exported
     assert not out.exists() and not list(tmp_path.glob(".engines*"))
@@ -286,11 +270,11 @@ def test_export_refuses_a_controlnet_of_another_family_before_exporting(tiny_che
 
 
 @pytest.mark.slow
-def test_cli_export_with_controlnets_writes_checked_engines(tiny_checkpoint, files, tmp_path):
+def test_cli_export_with_controlnets_writes_checked_engines(tiny_checkpoint, controlnet_files, tmp_path):
     out = tmp_path / "engines"
     assert main(["export", "--checkpoint", str(tiny_checkpoint), "--output", str(out), "--min-size", "128",
-                 "--max-size", "256", "--opt-size", "128", "--max-batch", "2", "--controlnet", f"canny={files['canny']}",
-                 "--controlnet", f"depth={files['depth']}"]) == 0
+                 "--max-size", "256", "--opt-size", "128", "--max-batch", "2", "--controlnet", f"canny={controlnet_files['canny']}",
+                 "--controlnet", f"depth={controlnet_files['depth']}"]) == 0
     manifest = Manifest.read(out)
     for name in ("controlnet.canny", "controlnet.depth"):
         assert manifest.components[name]["parity"]["passed"]

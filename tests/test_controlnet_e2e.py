@@ -8,7 +8,6 @@ fp32 figure of DESIGN.md's arithmetic (55 dB), and each test also checks that th
 
 from __future__ import annotations
 
-import shutil
 
 import numpy as np
 import pytest
@@ -16,7 +15,6 @@ import torch
 from PIL import Image
 
 from rtsd.cli import main
-from rtsd.export.controlnet import add_controlnets
 from rtsd.models.synthetic import write_controlnet
 from rtsd.runtime import Runtime
 from tests.diffusers_oracle import (diffusers_controlnet, diffusers_controlnet_pipeline, diffusers_scheduler,
@@ -28,28 +26,14 @@ STEPS = 6
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("controlnets-e2e")
-    return {"canny": write_controlnet(root / "canny.safetensors", "tiny", seed=11),
-            "depth": write_controlnet(root / "depth.safetensors", "tiny", seed=12)}
+def runtime(controlnet_engine_dir):
+    return Runtime(controlnet_engine_dir, backend="onnxruntime")
 
 
 @pytest.fixture(scope="module")
-def engine_dir(tiny_engine_dir, files, tmp_path_factory):
-    target = tmp_path_factory.mktemp("cn-e2e") / "tiny"
-    shutil.copytree(tiny_engine_dir, target)
-    return add_controlnets(target, [("canny", files["canny"]), ("depth", files["depth"])], progress=None)
-
-
-@pytest.fixture(scope="module")
-def runtime(engine_dir):
-    return Runtime(engine_dir, backend="onnxruntime")
-
-
-@pytest.fixture(scope="module")
-def theirs(files, tmp_path_factory):
+def theirs(controlnet_files, tmp_path_factory):
     root = tmp_path_factory.mktemp("cn-configs")
-    return {name: diffusers_controlnet(path, "sd15", root / name) for name, path in files.items()}
+    return {name: diffusers_controlnet(controlnet_files[name], "sd15", root / name) for name in ("canny", "depth")}
 
 
 def _control(seed: int, size=(SIZE, SIZE)):
@@ -70,8 +54,8 @@ def _latents(seed=21):
 PROMPT, NEGATIVE = "a house by a lake, detailed", "blurry"
 
 
-def _pipe(checkpoint, engine_dir, controlnet, img2img=False):
-    return diffusers_controlnet_pipeline(checkpoint, "sd15", engine_dir / "tokenizer",
+def _pipe(checkpoint, controlnet_engine_dir, controlnet, img2img=False):
+    return diffusers_controlnet_pipeline(checkpoint, "sd15", controlnet_engine_dir / "tokenizer",
                                          diffusers_scheduler("euler", "sd15"), controlnet, img2img=img2img)
 
 
@@ -92,7 +76,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_controlnet_generation_matches_diffusers(case, runtime, engine_dir, tiny_checkpoint, theirs):
+def test_controlnet_generation_matches_diffusers(case, runtime, controlnet_engine_dir, tiny_checkpoint, theirs):
     images = {"A": _control(1), "B": _control(2)}
     spec = CASES[case]
     controlnets = [(name, images[key], scale) for name, key, scale in spec["ours"]["controlnets"]]
@@ -100,7 +84,7 @@ def test_controlnet_generation_matches_diffusers(case, runtime, engine_dir, tiny
     ours = _plain(runtime, latents, **{**spec["ours"], "controlnets": controlnets})
     names = spec["theirs"]["names"]
     models = [theirs[n] for n in names]
-    pipe = _pipe(tiny_checkpoint, engine_dir, models if len(models) > 1 else models[0])
+    pipe = _pipe(tiny_checkpoint, controlnet_engine_dir, models if len(models) > 1 else models[0])
     extra = {k: v for k, v in spec["theirs"].items() if k not in ("names", "scale")}
     control = [images[k] for _, k, _ in spec["ours"]["controlnets"]]
     with torch.inference_mode():
@@ -119,7 +103,7 @@ def test_controlnet_generation_matches_diffusers(case, runtime, engine_dir, tiny
         assert psnr(np.asarray(ours, np.float64), np.asarray(one, np.float64), peak=255.0) < FP32_END_TO_END_DB - 20
 
 
-def test_img2img_with_controlnet_matches_diffusers(runtime, engine_dir, tiny_checkpoint, theirs, monkeypatch):
+def test_img2img_with_controlnet_matches_diffusers(runtime, controlnet_engine_dir, tiny_checkpoint, theirs, monkeypatch):
     import diffusers.pipelines.controlnet.pipeline_controlnet_img2img as module
 
     init = Image.fromarray(np.random.default_rng(5).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
@@ -129,7 +113,7 @@ def test_img2img_with_controlnet_matches_diffusers(runtime, engine_dir, tiny_che
                             scheduler="euler", latents=noise, image=init, strength=0.6,
                             controlnets=[("depth", control, 0.9)]).images[0]
     give_pipeline_our_noise(monkeypatch, module, noise)
-    pipe = _pipe(tiny_checkpoint, engine_dir, theirs["depth"], img2img=True)
+    pipe = _pipe(tiny_checkpoint, controlnet_engine_dir, theirs["depth"], img2img=True)
     with torch.inference_mode():
         reference = pipe(PROMPT, image=init, control_image=control, negative_prompt=NEGATIVE, strength=0.6,
                          num_inference_steps=10, guidance_scale=5.0, height=SIZE, width=SIZE,
@@ -164,11 +148,11 @@ def test_bad_control_requests_fail_before_any_engine_runs(runtime, monkeypatch, 
         runtime.generate("x", steps=2, height=SIZE, width=SIZE, controlnets=controlnets, **kwargs)
 
 
-def test_cli_control_flag(engine_dir, tmp_path, capsys):
+def test_cli_control_flag(controlnet_engine_dir, tmp_path, capsys):
     control = tmp_path / "edges.png"
     _control(4).save(control)
     out = tmp_path / "out.png"
-    argv = ["generate", str(engine_dir), "a house", "-o", str(out), "--steps", "2", "--size", "128x128",
+    argv = ["generate", str(controlnet_engine_dir), "a house", "-o", str(out), "--steps", "2", "--size", "128x128",
             "--seed", "1", "--control", f"canny={control}:0.7", "--control", f"depth={control}"]
     assert main(argv) == 0
     assert out.is_file()

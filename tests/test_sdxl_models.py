@@ -213,7 +213,11 @@ def test_folder_loads_as_the_single_file(base_folder, sdxl_files):
     ours, theirs = folder.text_encoder.state_dict(), single.text_encoder.state_dict()
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)  # text_projection comes back untransposed
-    ids = _ids(single.config)
+    _assert_same_outputs(folder, single, _ids(single.config))
+
+
+def _assert_same_outputs(folder, single, ids) -> None:
+    """The folder's text encoder(s) (context and pooled) and UNet compute what the single file's do."""
     for a, b in zip(folder.text_encoder(ids), single.text_encoder(ids)):
         assert rel_l2(a, b) < SAME
     x = _unet_inputs(single)
@@ -234,12 +238,7 @@ def test_refiner_folder_loads_as_the_single_file(sdxl_files, tmp_path):
     single = rtsd.models.load_checkpoint(sdxl_files["tiny-sdxl-refiner"])
     folder = rtsd.models.load_checkpoint(tmp_path)
     assert folder.config == single.config == PRESETS["tiny-sdxl-refiner"]
-    ids = _pad_with(_ids(single.config), 0)
-    for a, b in zip(folder.text_encoder(ids), single.text_encoder(ids)):
-        assert rel_l2(a, b) < SAME
-    x = _unet_inputs(single)
-    args = (x["sample"], x["timestep"], x["context"], x["text_embeds"], x["time_ids"])
-    assert rel_l2(folder.unet(*args), single.unet(*args)) < SAME
+    _assert_same_outputs(folder, single, _pad_with(_ids(single.config), 0))
 
 
 def test_half_precision_folder_variant(base_folder, tmp_path):
