@@ -83,8 +83,10 @@ class Checkpoint:
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, format={self.format!r}, tensors={len(self.shapes)})"
 
-    def tensors(self, dtype: "torch.dtype | None" = None) -> dict[str, "torch.Tensor"]:
-        """All model tensors under their LDM keys, in stored dtype unless ``dtype`` is given."""
+    def tensors(self, dtype: "torch.dtype | None" = None,
+                dtypes_by_prefix: "Mapping[str, torch.dtype] | None" = None) -> dict[str, "torch.Tensor"]:
+        """All model tensors under their LDM keys, in stored dtype unless ``dtype`` is given; ``dtypes_by_prefix``
+        overrides it for keys under a prefix (cast as each tensor is read: one copy of the weights in memory)."""
         torch = _import_torch("Loading checkpoint tensors")
         by_file: dict[Path, list[tuple[str, int, str]]] = {}
         for ldm_key, src in self._sources.items():
@@ -98,13 +100,14 @@ class Checkpoint:
                     src = self._sources[ldm_key]
                     if len(src.parts) == 1:
                         tensor = get(key)
-                        out[ldm_key] = _as_stored(tensor.T if src.transpose else tensor, src.shape, dtype)
+                        out[ldm_key] = _as_stored(tensor.T if src.transpose else tensor, src.shape,
+                                                  _dtype_of(ldm_key, dtype, dtypes_by_prefix))
                         continue
                     parts = pending.setdefault(ldm_key, {})
                     parts[index] = get(key)
                     if len(parts) == len(src.parts):
                         packed = torch.cat([parts[i] for i in range(len(parts))])
-                        out[ldm_key] = _as_stored(packed, src.shape, dtype)
+                        out[ldm_key] = _as_stored(packed, src.shape, _dtype_of(ldm_key, dtype, dtypes_by_prefix))
                         del pending[ldm_key]
         return out
 
@@ -406,6 +409,10 @@ def _open_tensors(pickled: Mapping[Path, Mapping[str, Any]], file: Path):
         raise CheckpointError(f"{file}: cannot be read as safetensors: {_first_line(exc)}") from None
     with handle:
         yield handle.get_tensor
+
+
+def _dtype_of(key: str, dtype, by_prefix) -> "torch.dtype | None":
+    return next((d for prefix, d in (by_prefix or {}).items() if key.startswith(prefix)), dtype)
 
 
 def _as_stored(tensor: "torch.Tensor", shape: tuple[int, ...], dtype: "torch.dtype | None") -> "torch.Tensor":

@@ -82,6 +82,8 @@ def _Float32IO(module, dtype):
     import torch
 
     class Float32IO(torch.nn.Module):
+        parameter_prefix = "inner."  # the traced graph's parameter names start with it
+
         def __init__(self):
             super().__init__()
             self.inner, self.dtype = module, dtype
@@ -101,9 +103,11 @@ def export_component(models, component: str, path: str | Path, shape_range: Shap
     an external data file, whose offsets the map records.
     """
     spec: IOSpec = specs_for(models.config, shape_range)[component]
-    parameters = _lora_parameters(models, component) if weights_map is not None else None
-    return export_module(component_module(models, component), spec, path, shape_range, opset, precision,
-                         parameters, weights_map)
+    module = component_module(models, component)
+    parameters = None
+    if weights_map is not None:
+        parameters = _lora_parameters(models, component, getattr(module, "parameter_prefix", ""))
+    return export_module(module, spec, path, shape_range, opset, precision, parameters, weights_map)
 
 
 def export_module(module, spec: IOSpec, path: str | Path, shape_range: ShapeRange = ShapeRange(), opset: int = OPSET,
@@ -138,13 +142,15 @@ def export_module(module, spec: IOSpec, path: str | Path, shape_range: ShapeRang
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _lora_parameters(models, component: str) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Graph parameter name -> (checkpoint key, shape) for every weight a LoRA can address in ``component``."""
+def _lora_parameters(models, component: str, graph_prefix: str = "") -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Graph parameter name -> (checkpoint key, shape) for every weight a LoRA can address in ``component``.
+
+    graph_prefix: what a wrapper adds in front of the parameter names (``Float32IO``: "inner.")."""
     from rtsd.adapters.lora_keys import lora_table
     shapes = models.ldm_shapes()
     prefix = models.prefixes.get(component)
     keys = {t.key for t in lora_table(shapes, models.config.unet.num_res_blocks).values()}
-    return {f"{component}.{key[len(prefix):]}": (key, shapes[key]) for key in sorted(keys)
+    return {f"{graph_prefix}{component}.{key[len(prefix):]}": (key, shapes[key]) for key in sorted(keys)
             if prefix and key.startswith(prefix)}
 
 
@@ -164,11 +170,20 @@ def clean_up(source: Path, target: Path, precision: str = "fp32", parameters: di
     import onnxruntime
 
     onnxruntime.set_default_logger_severity(3)  # graphsurgeon folds with ORT; its optimizer notes are not for users
-    model = onnx.load(str(source), load_external_data=True)
+    streamed = bool(parameters) and precision == "fp32"  # no fp16 conversion to come: weights go straight to disk
+    model = onnx.load(str(source), load_external_data=not streamed)
     graph = gs.import_onnx(model)
     traced = wmap.trace(graph, parameters) if parameters else {}
-    graph.fold_constants().cleanup().toposort()  # fold in fp32, before any cast to fp16
-    wmap.name_folded(graph, traced)
+    folded: set[str] = set()
+    exclude = None
+    if streamed:
+        from rtsd.export.weight_streaming import DataFile, reads_streamed, stream
+
+        with DataFile(target.with_name(target.name + ".data")) as out:
+            folded, on_disk = stream(graph, traced, source.parent, out)
+        exclude = reads_streamed(on_disk)
+    graph.fold_constants(should_exclude_node=exclude).cleanup().toposort()  # in fp32, before any cast to fp16
+    wmap.name_folded(graph, {name: leaf for name, leaf in traced.items() if name not in folded})
     model = gs.export_onnx(graph)
     if precision == "fp16":
         from onnxruntime.transformers.float16 import convert_float_to_float16

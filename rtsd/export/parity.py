@@ -123,44 +123,105 @@ def check_against_reference(engine_dir: str | Path, models, *, backend: str | No
     """``check_engine_dir`` with the reference models already loaded (``export`` checks what it just wrote).
 
     steps=0 skips the end-to-end generation. controlnets: {name: reference ControlNet module} to check.
+
+    One network at a time: its engine is loaded, run on every shape and closed before its reference runs, and a
+    reference held in fp16 (SDXL's fp16 export) runs in fp32 for the check and goes back to fp16 afterwards. So the
+    check needs the larger of one engine and one fp32 network, not all of them at once (full-size SDXL on 24 GB).
     """
-    from rtsd.runtime import Runtime
+    from rtsd.engine import get_backend
+    from rtsd.engine.verify import verify_engine_dir
+    from rtsd.export.manifest import Manifest
+    from rtsd.runtime import _default_backend
 
     say = progress or (lambda message: None)
-    runtime = Runtime(engine_dir, backend=backend)
-    manifest = runtime.manifest
-    reference = Runtime.from_reference(models, config=manifest.model)  # prediction type as exported
-    engines = runtime.engines
-    precisions = {_precision(manifest, name, runtime.backend_name) for name in COMPONENTS}
-    report = ParityReport(precision="fp16" if "fp16" in precisions else "fp32", backend=runtime.backend_name)
+    engine_dir = Path(engine_dir)
+    manifest = Manifest.read(engine_dir)
+    chosen = get_backend(backend) if backend else _default_backend(manifest)
+    manifest.check_files(engine_dir, backend=chosen.name)
+    verify_engine_dir(engine_dir, manifest, chosen.name)
+    precisions = {_precision(manifest, name, chosen.name) for name in COMPONENTS}
+    report = ParityReport(precision="fp16" if "fp16" in precisions else "fp32", backend=chosen.name)
     r = manifest.shape_range
+    sizes = []
     for images, height, width in shapes:
         height, width = (min(max(v, r.min_size), r.max_size) for v in (height, width))
-        images = min(max(images, r.min_batch), r.max_batch)
-        for name in COMPONENTS:
-            spec = manifest.spec(name)
-            rows = images * spec.batch_factor
-            feeds = spec.sample_inputs(rows, height, width, seed=rows + height + width)
-            actual = engines[name].infer({k: engines[name].xp.asarray(v) for k, v in feeds.items()})
-            expected = reference.engines[name].infer(feeds)
-            # Every output (SDXL's text encoder: context and pooled); the component is judged by its worst one.
-            metrics = max((compare(engines[name].to_host(actual[t.name]), reference.engines[name].to_host(expected[t.name]))
-                           for t in spec.outputs), key=lambda m: m.rel_l2)
-            shape = "x".join(map(str, feeds[spec.inputs[0].name].shape))
-            check = judge(f"{name} {shape}", metrics, _precision(manifest, name, runtime.backend_name))
+        sizes.append((min(max(images, r.min_batch), r.max_batch), height, width))
+    for name in COMPONENTS:
+        for check in _component_checks(engine_dir, manifest, chosen, models, name, sizes):
             say(f"      {check.name}: rel_l2 {check.metrics.rel_l2:.2e} cosine {check.metrics.cosine:.6f}")
             report.checks.append(check)
-        for name, model in (controlnets or {}).items():
-            from rtsd.export.controlnet import component_name, controlnet_parity
+    for name, model in (controlnets or {}).items():
+        from rtsd.export.controlnet import component_name, controlnet_parity
 
-            component = component_name(name)
-            check = controlnet_parity(engines[component], model, r, _precision(manifest, component,
-                                                                                runtime.backend_name),
-                                      images=images, height=height, width=width)
-            say(f"      {check.name}: rel_l2 {check.metrics.rel_l2:.2e} cosine {check.metrics.cosine:.6f}")
-            report.checks.append(check)
+        component = component_name(name)
+        engine = chosen.load(engine_dir, manifest, (component,))[component]
+        try:
+            for images, height, width in sizes:
+                check = controlnet_parity(engine, model, r, _precision(manifest, component, chosen.name),
+                                          images=images, height=height, width=width)
+                say(f"      {check.name}: rel_l2 {check.metrics.rel_l2:.2e} cosine {check.metrics.cosine:.6f}")
+                report.checks.append(check)
+        finally:
+            engine.close()
     if steps > 0:
-        # End to end: same latents, scheduler and prompt through both loops; images compared in 0..1.
+        report.checks.append(_end_to_end(engine_dir, chosen.name, models, manifest, steps))
+    return report
+
+
+def _component_checks(engine_dir: Path, manifest, backend, models, name: str, sizes) -> list[Check]:
+    """Run engine ``name`` on every size, close it, then its reference in fp32 on the same inputs."""
+    from rtsd.engine.torch import TorchBackend
+
+    spec = manifest.spec(name)
+    feeds = []
+    for images, height, width in sizes:
+        rows = images * spec.batch_factor
+        feeds.append(spec.sample_inputs(rows, height, width, seed=rows + height + width))
+    engine = backend.load(engine_dir, manifest, (name,))[name]
+    try:
+        actual = []
+        for feed in feeds:
+            out = engine.infer({k: engine.xp.asarray(v) for k, v in feed.items()})
+            actual.append({t.name: np.array(engine.to_host(out[t.name])) for t in spec.outputs})
+    finally:
+        engine.close()
+    checks = []
+    with _in_fp32(models, name):
+        reference = TorchBackend(models, manifest.shape_range).load(components=(name,))[name]
+        for feed, ours in zip(feeds, actual):
+            expected = reference.infer(feed)
+            # Every output (SDXL's text encoder: context and pooled); the component is judged by its worst one.
+            metrics = max((compare(ours[t.name], reference.to_host(expected[t.name])) for t in spec.outputs),
+                          key=lambda m: m.rel_l2)
+            shape = "x".join(map(str, feed[spec.inputs[0].name].shape))
+            checks.append(judge(f"{name} {shape}", metrics, _precision(manifest, name, backend.name)))
+    return checks
+
+
+class _in_fp32:
+    """Run one reference network in fp32 (converted in place, then back: fp16 -> fp32 -> fp16 is exact)."""
+
+    def __init__(self, models, component: str):
+        self.module = getattr(models, "vae" if component.startswith("vae") else component)
+        self.dtype = next(self.module.parameters()).dtype
+
+    def __enter__(self):
+        import torch
+
+        self.module.to(torch.float32)
+
+    def __exit__(self, *exc):
+        self.module.to(self.dtype)
+
+
+def _end_to_end(engine_dir: Path, backend: str, models, manifest, steps: int) -> Check:
+    """Same latents, scheduler and prompt through both loops; images compared in 0..1."""
+    from rtsd.runtime import Runtime
+
+    r = manifest.shape_range
+    runtime = Runtime(engine_dir, backend=backend)
+    reference = Runtime.from_reference(models, config=manifest.model)  # prediction type as exported
+    try:
         size = min(max(r.opt_size, r.min_size), r.max_size)
         latents = np.random.default_rng(0).standard_normal((1, manifest.model.latent_channels, size // 8, size // 8),
                                                            dtype=np.float32)
@@ -170,11 +231,11 @@ def check_against_reference(engine_dir: str | Path, models, *, backend: str | No
         prompt = "a photo of an astronaut riding a horse"
         ours = np.asarray(runtime.generate(prompt, **kwargs).images[0], np.float64) / 255
         ref = np.asarray(reference.generate(prompt, **kwargs).images[0], np.float64) / 255
-        metrics = compare(ours, ref, peak=1.0)
-        report.checks.append(Check(f"end-to-end {size}x{size} {steps} steps", metrics,
-                                   f"PSNR > {MIN_IMAGE_PSNR_DB:.0f} dB", metrics.psnr > MIN_IMAGE_PSNR_DB))
-    runtime.close()
-    return report
+    finally:
+        runtime.close()
+    metrics = compare(ours, ref, peak=1.0)
+    return Check(f"end-to-end {size}x{size} {steps} steps", metrics, f"PSNR > {MIN_IMAGE_PSNR_DB:.0f} dB",
+                 metrics.psnr > MIN_IMAGE_PSNR_DB)
 
 
 def _inpainting_request(size: int) -> dict:

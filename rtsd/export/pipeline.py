@@ -60,7 +60,7 @@ def _export(checkpoint, output: Path, shape_range: ShapeRange, precision: str, b
         require_tensorrt()  # fail in a second, not after minutes of ONNX export
     import torch
 
-    from rtsd.checkpoint import open_checkpoint, read_prediction_type
+    from rtsd.checkpoint import model_config, open_checkpoint, read_prediction_type
     from rtsd.export.onnx import export_component
     from rtsd.models import load_checkpoint
 
@@ -69,7 +69,8 @@ def _export(checkpoint, output: Path, shape_range: ShapeRange, precision: str, b
     stage = _Stages(stages, say)
     with stage("reading checkpoint"):
         source = open_checkpoint(checkpoint)
-        models = load_checkpoint(checkpoint, dtype=torch.float32, device="cpu")
+        dtype, component_dtypes = reference_dtypes(model_config(source).family, precision)
+        models = load_checkpoint(checkpoint, dtype=dtype, device="cpu", component_dtypes=component_dtypes)
         chosen, origin = _prediction_type(prediction_type, read_prediction_type(checkpoint),
                                          Path(checkpoint).is_dir())
         config = dataclasses.replace(models.config,
@@ -177,6 +178,21 @@ def tensorrt_build_options(config, options: dict | None) -> dict:
         options["fp32_components"] = tuple(sorted({*(options.get("fp32_components") or ()),
                                                    "vae_decoder", "vae_encoder"}))
     return options
+
+
+def reference_dtypes(family: str, precision: str) -> tuple["torch.dtype", dict]:
+    """(dtype, per-network overrides) of the reference models an export traces.
+
+    An fp16 export of SDXL traces the fp16 weights directly (as NVIDIA's demo exports SDXL): fp32 references of
+    its 2.6 B-parameter UNet, traced and then converted, need ~33 GB; fp16 ones fit in 24 GB (benchmarks/README.md).
+    Its VAE stays fp32 (SDXL_VAE_NOTE). SD 1.x/2.x fp16 exports trace fp32 and convert: the converter keeps the
+    precision-sensitive ops in fp32, and their fp32 references fit in memory.
+    """
+    import torch
+
+    if precision == "fp16" and family.startswith("sdxl"):
+        return torch.float16, {"vae": torch.float32}
+    return torch.float32, {}
 
 
 def _component_precision(config, name: str, precision: str) -> tuple[str, str]:

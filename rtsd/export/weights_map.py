@@ -28,6 +28,21 @@ from rtsd.errors import RtsdError
 _LAYOUT_OPS = {"Transpose", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Cast"}
 
 
+def layout_chain(tensor) -> list:
+    """The layout-only nodes (Transpose, Reshape, ...) from a weight to the tensor a compute node reads, in order."""
+    chain = []
+    while True:
+        consumers = list(tensor.outputs)
+        layout = [n for n in consumers if n.op in _LAYOUT_OPS]
+        if not layout:
+            return chain
+        if len(consumers) != 1 or len(layout[0].outputs) != 1:
+            raise RtsdError(f"weights map: {chain[0].inputs[0].name if chain else tensor.name} feeds "
+                            f"{[n.op for n in consumers]}; cannot name it exactly")
+        chain.append(layout[0])
+        tensor = layout[0].outputs[0]
+
+
 def trace(graph, parameters: Mapping[str, str]) -> dict[str, tuple[str, list[int] | None]]:
     """Before folding: graph parameter name -> (tensor a compute node reads, composed transpose perm or None).
 
@@ -41,23 +56,16 @@ def trace(graph, parameters: Mapping[str, str]) -> dict[str, tuple[str, list[int
             continue
         perm: list[int] | None = None
         reshaped = False
-        while True:
-            consumers = list(tensor.outputs)
-            layout = [n for n in consumers if n.op in _LAYOUT_OPS]
-            if not layout:
-                break
-            if len(consumers) != 1 or len(layout[0].outputs) != 1:
-                raise RtsdError(f"weights map: {name} feeds {[n.op for n in consumers]}; cannot name it exactly")
-            node = layout[0]
+        chain = layout_chain(tensor)
+        for node in chain:
             if node.op == "Transpose":
                 if reshaped:
                     raise RtsdError(f"weights map: {name} is transposed after a reshape; not supported")
-                step = list(node.attrs.get("perm", range(len(tensor.shape or ()))[::-1]))
+                step = list(node.attrs.get("perm", range(len(node.inputs[0].shape or ()))[::-1]))
                 perm = step if perm is None else [perm[i] for i in step]
             elif node.op != "Cast" and node.op != "Identity":
                 reshaped = True
-            tensor = node.outputs[0]
-        found[name] = (tensor.name, perm)
+        found[name] = (chain[-1].outputs[0].name if chain else name, perm)
     return found
 
 

@@ -163,20 +163,28 @@ def load_state(models: ReferenceModels, tensors: Mapping[str, torch.Tensor], sou
 
 
 def load_checkpoint(
-    path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+    component_dtypes: Mapping[str, torch.dtype] | None = None,
 ) -> ReferenceModels:
     """Read a checkpoint (single file or diffusers folder), detect its architecture, and load the references.
 
     The config's prediction type is what the files beside the weights say (``rtsd.checkpoint.model_config``).
+    component_dtypes: {"vae": torch.float32, ...} overrides ``dtype`` per network (SDXL's fp16 export keeps its
+    VAE in fp32); each tensor is cast as it is read.
     """
     from rtsd.checkpoint import model_config, open_checkpoint
 
     checkpoint = open_checkpoint(path)
     models = build_models(model_config(checkpoint), dtype=dtype, device="meta")
+    overrides = dict(component_dtypes or {})
+    for name, module in models.components().items():
+        if name in overrides:
+            module.to(dtype=overrides[name])
     source = f"checkpoint {path}"
     fit_text_layers(models, checkpoint.shapes)
     check_state_shapes(models, checkpoint.shapes, source)  # before reading a single tensor
-    load_state(models, checkpoint.tensors(dtype=dtype), source)
+    by_prefix = {models.prefixes[name]: d for name, d in overrides.items()}
+    load_state(models, checkpoint.tensors(dtype=dtype, dtypes_by_prefix=by_prefix), source)
     return models.to(device=device)
 
 

@@ -67,7 +67,11 @@ def _layers_to_run(config: TextEncoderConfig) -> int:
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     """Causal multi-head attention on (N, L, heads*head_dim) tensors."""
     q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    # An explicit mask in the activations' dtype: torch's ONNX exporter builds the is_causal mask in float32, which
+    # breaks an fp16-traced graph (SDXL's fp16 export); the values are the same (-inf above the diagonal).
+    length = q.shape[-2]
+    mask = torch.full((length, length), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.transpose(1, 2).flatten(2)
 
 
