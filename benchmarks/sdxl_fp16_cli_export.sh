@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Peak memory and wall time of the user's command, `rtsd export --precision fp16`, on the full-size synthetic SDXL base
-# (2.57 B UNet parameters; fp16 file, ~6.9 GB), parity check on (64 px). Big files live in WORK and are deleted.
+# (2.57 B UNet parameters; fp16 file, ~6.9 GB), parity check on (64 px). Big files live in WORK and are deleted
+# (KEEP_CHECKPOINT=1 keeps the checkpoint for the next run).
 #   benchmarks/sdxl_fp16_cli_export.sh WORK RESULTS_DIR
 # Writes RESULTS_DIR/sdxl_fp16_cli_export.{time.txt,log,rss.tsv}: /usr/bin/time -v's report, the export log, and
 # VmRSS of the export sampled every second (kills the export past 21 GiB: the machine has 23.5 GiB and no swap).
@@ -31,4 +32,5 @@ while kill -0 "$top" 2>/dev/null; do
   sleep 1
 done
 wait "$top" || echo "export exited with $?" >&2
-rm -rf "$out" "$ckpt"
+rm -rf "$out"
+[ -n "${KEEP_CHECKPOINT:-}" ] || rm -f "$ckpt"

@@ -71,7 +71,8 @@ class TorchBackend:
 
     def __init__(self, models, shape_range=None):
         self.models, self.shape_range = models, shape_range
-        self.device = next(models.unet.parameters()).device
+        # The first network still held (the export's parity check releases each once it is checked).
+        self.device = next(next(m.parameters()).device for m in models.components().values() if m is not None)
 
     def load(self, engine_dir=None, manifest=None, components=COMPONENTS) -> dict[str, TorchEngine]:
         xp = TorchArrays(self.device)

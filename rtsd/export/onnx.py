@@ -160,7 +160,9 @@ def clean_up(source: Path, target: Path, precision: str = "fp32", parameters: di
 
     onnx-graphsurgeon does the folding (it evaluates constant subgraphs with ONNX Runtime) and the clean-up.
     parameters (graph name -> (checkpoint key, shape)): keep these weights' initializers named after them through
-    the folding and fill ``weights_map`` (export/weights_map.py).
+    the folding and fill ``weights_map`` (export/weights_map.py). Without an fp16 conversion to come, those
+    graphs' weights are streamed to the data file one at a time (export/weight_streaming.py) instead of being
+    loaded whole: what keeps the full-size SDXL UNet's export within 24 GB.
     """
     from rtsd.export import weights_map as wmap
 

@@ -119,15 +119,19 @@ def check_engine_dir(engine_dir: str | Path, checkpoint: str | Path, *, backend:
 def check_against_reference(engine_dir: str | Path, models, *, backend: str | None = None,
                             shapes: tuple[tuple[int, int, int], ...] = ((1, 256, 256),), steps: int = 4,
                             progress: Callable[[str], None] | None = None,
-                            controlnets: dict | None = None) -> ParityReport:
+                            controlnets: dict | None = None, release: bool = False) -> ParityReport:
     """``check_engine_dir`` with the reference models already loaded (``export`` checks what it just wrote).
 
     steps=0 skips the end-to-end generation. controlnets: {name: reference ControlNet module} to check.
+    release: drop each reference network from ``models`` once its engines are checked (``export``: nothing uses
+    them afterwards; not with steps > 0, whose generation needs them all).
 
-    One network at a time: its engine is loaded, run on every shape and closed before its reference runs, and a
-    reference held in fp16 (SDXL's fp16 export) runs in fp32 for the check and goes back to fp16 afterwards. So the
-    check needs the larger of one engine and one fp32 network, not all of them at once (full-size SDXL on 24 GB).
+    One network at a time: its reference runs first (a network held in fp16, as in SDXL's fp16 export, runs in fp32
+    for the check), then its engine is loaded, run on the same inputs and closed. With ``release`` the check needs
+    the larger of one engine and one fp32 network, not all of them at once (full-size SDXL within 24 GB).
     """
+    if release and steps > 0:
+        raise ValueError("release=True drops the reference networks the end-to-end generation needs; use steps=0")
     from rtsd.engine import get_backend
     from rtsd.engine.verify import verify_engine_dir
     from rtsd.export.manifest import Manifest
@@ -146,8 +150,9 @@ def check_against_reference(engine_dir: str | Path, models, *, backend: str | No
     for images, height, width in shapes:
         height, width = (min(max(v, r.min_size), r.max_size) for v in (height, width))
         sizes.append((min(max(images, r.min_batch), r.max_batch), height, width))
-    for name in COMPONENTS:
-        for check in _component_checks(engine_dir, manifest, chosen, models, name, sizes):
+    for index, name in enumerate(COMPONENTS):
+        last_use = _network(name) not in {_network(later) for later in COMPONENTS[index + 1:]}
+        for check in _component_checks(engine_dir, manifest, chosen, models, name, sizes, release and last_use):
             say(f"      {check.name}: rel_l2 {check.metrics.rel_l2:.2e} cosine {check.metrics.cosine:.6f}")
             report.checks.append(check)
     for name, model in (controlnets or {}).items():
@@ -168,8 +173,10 @@ def check_against_reference(engine_dir: str | Path, models, *, backend: str | No
     return report
 
 
-def _component_checks(engine_dir: Path, manifest, backend, models, name: str, sizes) -> list[Check]:
-    """Run engine ``name`` on every size, close it, then its reference in fp32 on the same inputs."""
+def _component_checks(engine_dir: Path, manifest, backend, models, name: str, sizes, release: bool) -> list[Check]:
+    """Run the reference of ``name`` in fp32 on every size (then drop it if ``release``), then its engine."""
+    import gc
+
     from rtsd.engine.torch import TorchBackend
 
     spec = manifest.spec(name)
@@ -177,33 +184,43 @@ def _component_checks(engine_dir: Path, manifest, backend, models, name: str, si
     for images, height, width in sizes:
         rows = images * spec.batch_factor
         feeds.append(spec.sample_inputs(rows, height, width, seed=rows + height + width))
-    engine = backend.load(engine_dir, manifest, (name,))[name]
-    try:
-        actual = []
-        for feed in feeds:
-            out = engine.infer({k: engine.xp.asarray(v) for k, v in feed.items()})
-            actual.append({t.name: np.array(engine.to_host(out[t.name])) for t in spec.outputs})
-    finally:
-        engine.close()
-    checks = []
-    with _in_fp32(models, name):
+    with _in_fp32(models, name, restore=not release):
         reference = TorchBackend(models, manifest.shape_range).load(components=(name,))[name]
-        for feed, ours in zip(feeds, actual):
-            expected = reference.infer(feed)
+        expected = []
+        for feed in feeds:
+            out = reference.infer(feed)
+            expected.append({t.name: reference.to_host(out[t.name]) for t in spec.outputs})
+        reference.close()
+    if release:
+        setattr(models, _network(name), None)
+        gc.collect()
+    engine = backend.load(engine_dir, manifest, (name,))[name]
+    checks = []
+    try:
+        for feed, theirs in zip(feeds, expected):
+            out = engine.infer({k: engine.xp.asarray(v) for k, v in feed.items()})
             # Every output (SDXL's text encoder: context and pooled); the component is judged by its worst one.
-            metrics = max((compare(ours[t.name], reference.to_host(expected[t.name])) for t in spec.outputs),
+            metrics = max((compare(engine.to_host(out[t.name]), theirs[t.name]) for t in spec.outputs),
                           key=lambda m: m.rel_l2)
             shape = "x".join(map(str, feed[spec.inputs[0].name].shape))
             checks.append(judge(f"{name} {shape}", metrics, _precision(manifest, name, backend.name)))
+    finally:
+        engine.close()
     return checks
 
 
-class _in_fp32:
-    """Run one reference network in fp32 (converted in place, then back: fp16 -> fp32 -> fp16 is exact)."""
+def _network(component: str) -> str:
+    """The reference network behind an engine: both VAE engines run ``models.vae``."""
+    return "vae" if component.startswith("vae") else component
 
-    def __init__(self, models, component: str):
-        self.module = getattr(models, "vae" if component.startswith("vae") else component)
-        self.dtype = next(self.module.parameters()).dtype
+
+class _in_fp32:
+    """Run one reference network in fp32, converted in place; ``restore`` converts it back (fp16 -> fp32 -> fp16 is
+    exact)."""
+
+    def __init__(self, models, component: str, restore: bool = True):
+        self.module = getattr(models, _network(component))
+        self.dtype, self.restore = next(self.module.parameters()).dtype, restore
 
     def __enter__(self):
         import torch
@@ -211,7 +228,8 @@ class _in_fp32:
         self.module.to(torch.float32)
 
     def __exit__(self, *exc):
-        self.module.to(self.dtype)
+        if self.restore:
+            self.module.to(self.dtype)
 
 
 def _end_to_end(engine_dir: Path, backend: str, models, manifest, steps: int) -> Check:

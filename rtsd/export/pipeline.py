@@ -152,7 +152,8 @@ def _check_parity(work: Path, models, backend: str, shape_range: ShapeRange, con
 
     size = shape_range.min_size
     report = check_against_reference(work, models, backend="tensorrt" if backend == "tensorrt" else "onnxruntime",
-                                     shapes=((1, size, size),), steps=0, controlnets=controlnets)
+                                     shapes=((1, size, size),), steps=0, controlnets=controlnets,
+                                     release=True)  # the last use of the reference models: one network at a time
     manifest = Manifest.read(work)
     for check in report.checks:
         name = check.name.split()[0]
