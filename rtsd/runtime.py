@@ -61,13 +61,8 @@ class Runtime:
         ``OnnxRuntimeBackend(providers=["CPUExecutionProvider"], threads=4)``. verify: check the files' sha256
         against the manifest (once per file; remembered afterwards, see rtsd.engine.verify)."""
         self.engine_dir = Path(engine_dir)
-        self.manifest = manifest = Manifest.read(self.engine_dir)
-        if isinstance(backend, Backend):
-            chosen = backend
-        else:
-            chosen = get_backend(backend) if backend else _default_backend(manifest)
-        manifest.check_files(self.engine_dir, backend=chosen.name)
-        verify_engine_dir(self.engine_dir, manifest, chosen.name, hashes=verify)
+        manifest, chosen = open_engine_dir(self.engine_dir, backend, verify)
+        self.manifest = manifest
         self.verified = verify  # unverified files can also be why outputs are non-finite
         tokenizer = Tokenizer.load(self.engine_dir / manifest.tokenizer["directory"])
         controlnets = tuple(c for c, record in manifest.components.items() if "controlnet" in record)
@@ -328,6 +323,20 @@ def _size_conditions(value) -> "added_conditions.SizeConditions":
             names = [f.name for f in dataclasses.fields(added_conditions.SizeConditions)]
             raise ValueError(f"size_conditions takes {', '.join(names)}; got {sorted(value)}") from None
     raise TypeError(f"size_conditions must be a dict or SizeConditions, got {type(value).__name__}")
+
+
+def open_engine_dir(engine_dir: Path, backend: "str | Backend | None" = None,
+                    verify: bool = True) -> tuple[Manifest, Backend]:
+    """Read the manifest, choose the backend (as ``Runtime`` documents) and check the files it will load; loads no
+    engine (``Runtime`` loads them all, the parity check one at a time)."""
+    manifest = Manifest.read(engine_dir)
+    if isinstance(backend, Backend):
+        chosen = backend
+    else:
+        chosen = get_backend(backend) if backend else _default_backend(manifest)
+    manifest.check_files(engine_dir, backend=chosen.name)
+    verify_engine_dir(engine_dir, manifest, chosen.name, hashes=verify)
+    return manifest, chosen
 
 
 def _default_backend(manifest: Manifest) -> Backend:

@@ -132,17 +132,11 @@ def check_against_reference(engine_dir: str | Path, models, *, backend: str | No
     """
     if release and steps > 0:
         raise ValueError("release=True drops the reference networks the end-to-end generation needs; use steps=0")
-    from rtsd.engine import get_backend
-    from rtsd.engine.verify import verify_engine_dir
-    from rtsd.export.manifest import Manifest
-    from rtsd.runtime import _default_backend
+    from rtsd.runtime import open_engine_dir
 
     say = progress or (lambda message: None)
     engine_dir = Path(engine_dir)
-    manifest = Manifest.read(engine_dir)
-    chosen = get_backend(backend) if backend else _default_backend(manifest)
-    manifest.check_files(engine_dir, backend=chosen.name)
-    verify_engine_dir(engine_dir, manifest, chosen.name)
+    manifest, chosen = open_engine_dir(engine_dir, backend)
     precisions = {_precision(manifest, name, chosen.name) for name in COMPONENTS}
     report = ParityReport(precision="fp16" if "fp16" in precisions else "fp32", backend=chosen.name)
     r = manifest.shape_range
