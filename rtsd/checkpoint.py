@@ -123,8 +123,11 @@ class Checkpoint:
         return self._sha256
 
 
-def open_checkpoint(path: str | Path) -> Checkpoint:
-    """Open a .safetensors/.ckpt/.pt/.pth file or a diffusers folder; CheckpointError when it cannot be read."""
+def open_checkpoint(path: "str | Path | Checkpoint") -> Checkpoint:
+    """Open a .safetensors/.ckpt/.pt/.pth file or a diffusers folder; CheckpointError when it cannot be read.
+    An opened Checkpoint is returned as it is (a pickle is not read twice)."""
+    if isinstance(path, Checkpoint):
+        return path
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")

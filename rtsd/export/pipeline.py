@@ -70,7 +70,7 @@ def _export(checkpoint, output: Path, shape_range: ShapeRange, precision: str, b
     with stage("reading checkpoint"):
         source = open_checkpoint(checkpoint)
         dtype, component_dtypes = reference_dtypes(model_config(source).family, precision)
-        models = load_checkpoint(checkpoint, dtype=dtype, device="cpu", component_dtypes=component_dtypes)
+        models = load_checkpoint(source, dtype=dtype, device="cpu", component_dtypes=component_dtypes)
         chosen, origin = _prediction_type(prediction_type, read_prediction_type(checkpoint),
                                          Path(checkpoint).is_dir())
         config = dataclasses.replace(models.config,

@@ -6,6 +6,7 @@ import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -17,6 +18,9 @@ from rtsd.models.sdxl_text import SDXLTextEncoder
 from rtsd.models.text_encoder import UNUSED_TEXT_KEYS, LayerStackEncoder, build_text_encoder
 from rtsd.models.unet import UNetModel
 from rtsd.models.vae import AutoencoderKL
+
+if TYPE_CHECKING:
+    from rtsd.checkpoint import Checkpoint
 
 # Where each network lives in an LDM single-file checkpoint; module state-dict keys are the rest of the key.
 COMPONENT_PREFIXES = {
@@ -163,7 +167,7 @@ def load_state(models: ReferenceModels, tensors: Mapping[str, torch.Tensor], sou
 
 
 def load_checkpoint(
-    path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+    path: "str | Path | Checkpoint", dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
     component_dtypes: Mapping[str, torch.dtype] | None = None,
 ) -> ReferenceModels:
     """Read a checkpoint (single file or diffusers folder), detect its architecture, and load the references.
@@ -174,13 +178,13 @@ def load_checkpoint(
     """
     from rtsd.checkpoint import model_config, open_checkpoint
 
-    checkpoint = open_checkpoint(path)
+    checkpoint = open_checkpoint(path)  # an opened Checkpoint (export's) is used as it is
     models = build_models(model_config(checkpoint), dtype=dtype, device="meta")
     overrides = dict(component_dtypes or {})
     for name, module in models.components().items():
         if name in overrides:
             module.to(dtype=overrides[name])
-    source = f"checkpoint {path}"
+    source = f"checkpoint {checkpoint.path}"
     fit_text_layers(models, checkpoint.shapes)
     check_state_shapes(models, checkpoint.shapes, source)  # before reading a single tensor
     by_prefix = {models.prefixes[name]: d for name, d in overrides.items()}
